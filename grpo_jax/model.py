@@ -1,0 +1,283 @@
+"""The policy: a Llama / Qwen2 / Qwen3 decoder as pure functions over a weights pytree.
+
+Weights are a nested dict of arrays. The layers are stacked along a leading "layers" axis and run
+with `lax.scan`, which keeps compile time flat in depth. Every weight declares logical axis names
+(`param_axes`) that `sharding.py` maps to mesh axes.
+
+Precision: matmuls run in `cfg.compute_dtype`; RMSNorm, RoPE, the attention softmax and log-probs
+run in float32.
+
+Shapes (SPEC.md section 6): B batch, L sequence, S kv-cache length, D hidden, H query heads,
+K kv heads, Hd head dim, F mlp width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax.config import ModelConfig
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]  # {"k": [layers, B, S, K, Hd], "v": same}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_MASKED = -1e30  # finite, so fully masked rows (left padding) stay NaN-free
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every weight, in the same pytree structure as the params."""
+    layer = {
+        "attn_norm": ("layers", "norm"),
+        "wq": ("layers", "embed", "q_heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "q_heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "w_gate": ("layers", "embed", "mlp"),
+        "w_up": ("layers", "embed", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    }
+    if cfg.attention_bias:
+        layer |= {"bq": ("layers", "q_heads", "head_dim"), "bk": ("layers", "kv_heads", "head_dim"),
+                  "bv": ("layers", "kv_heads", "head_dim")}
+    if cfg.attention_out_bias:
+        layer["bo"] = ("layers", "embed")
+    if cfg.qk_norm:
+        layer |= {"q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim")}
+    axes = {"embed": ("vocab", "embed"), "layers": layer, "final_norm": ("norm",)}
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """`jax.ShapeDtypeStruct` of every weight (no memory allocated)."""
+    n, d, f, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.hd
+    h, k, v = cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
+    sizes = {"layers": n, "embed": d, "mlp": f, "head_dim": hd, "q_heads": h, "kv_heads": k,
+             "vocab": v, "norm": d}
+    dtype = DTYPES[cfg.param_dtype]
+    return jax.tree.map(lambda ax: jax.ShapeDtypeStruct(tuple(sizes[a] for a in ax), dtype),
+                        param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
+    """Random init as in `transformers` (normal(0, std) matrices, unit norms, zero biases)."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+
+    def one(path, s, k):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.ones(s.shape, s.dtype)
+        if name[-5:] in ("['bq']", "['bk']", "['bv']", "['bo']"):
+            return jnp.zeros(s.shape, s.dtype)
+        return (std * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype)
+
+    return jax.tree.unflatten(treedef, [one(p, s, k) for (p, s), k in zip(leaves, keys)])
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [Hd/2], with Llama 3 / linear scaling as in `transformers`."""
+    hd = cfg.hd
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv.astype(np.float32)
+    if sc.kind == "linear":
+        return (inv / sc.factor).astype(np.float32)
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    old = sc.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / sc.low_freq_factor, old / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
+    smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxLxNxHd: jax.Array, positions_BxL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (the `transformers` convention), computed in float32."""
+    freqs = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, Hd/2]
+    cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+    x = x_BxLxNxHd.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxNxHd.dtype)
+
+
+def attention(q_BxLxHxHd, k_BxSxKxHd, v_BxSxKxHd, allowed_BxLxS) -> jax.Array:
+    """Grouped-query attention with a boolean mask; float32 scores and softmax."""
+    b, l, h, hd = q_BxLxHxHd.shape
+    kv = k_BxSxKxHd.shape[2]
+    q = q_BxLxHxHd.reshape(b, l, kv, h // kv, hd)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxHd,
+                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(allowed_BxLxS[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxHd.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxHd)
+    return out.reshape(b, l, h, hd)
+
+
+def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:
+    """Positions of a left-padded batch: 0 at each row's first real token (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _layer(x, lp, *, cfg: ModelConfig, positions, allowed, inv_freq, cache, layer_idx, index):
+    cd = DTYPES[cfg.compute_dtype]
+    with jax.named_scope("attention"):
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).astype(cd)
+        q = jnp.einsum("bld,dhk->blhk", h, lp["wq"].astype(cd))
+        k = jnp.einsum("bld,dhk->blhk", h, lp["wk"].astype(cd))
+        v = jnp.einsum("bld,dhk->blhk", h, lp["wv"].astype(cd))
+        if cfg.attention_bias:
+            q, k, v = q + lp["bq"].astype(cd), k + lp["bk"].astype(cd), v + lp["bv"].astype(cd)
+        if cfg.qk_norm:
+            q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            # Write this step's keys/values into the layer's slots, then attend over the cache.
+            # The cache is a scan carry updated in place (donated by the sampler).
+            cache = {
+                name: jax.lax.dynamic_update_slice(
+                    cache[name], new[None].astype(cache[name].dtype), (layer_idx, 0, index, 0, 0))
+                for name, new in (("k", k), ("v", v))
+            }
+            k, v = cache["k"][layer_idx].astype(cd), cache["v"][layer_idx].astype(cd)
+        o = attention(q, k, v, allowed)
+        o = jnp.einsum("blhk,hkd->bld", o, lp["wo"].astype(cd))
+        if cfg.attention_out_bias:
+            o = o + lp["bo"].astype(cd)
+        x = x + o.astype(x.dtype)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).astype(cd)
+        gate = jax.nn.silu(jnp.einsum("bld,df->blf", h, lp["w_gate"].astype(cd)))
+        up = jnp.einsum("bld,df->blf", h, lp["w_up"].astype(cd))
+        x = x + jnp.einsum("blf,fd->bld", gate * up, lp["w_down"].astype(cd)).astype(x.dtype)
+    return x, cache
+
+
+def decoder(params: Params, tokens_BxL, cfg: ModelConfig, *, positions_BxL, allowed_BxLxS,
+            cache: Cache | None = None, index=0):
+    """Embeddings, all layers and the final norm: returns (hidden [B, L, D] float32, cache).
+
+    Without a cache, keys are the L input tokens. With one, the L new keys/values are written at
+    cache slots [index, index + L) and queries attend over all S slots (`allowed_BxLxS`)."""
+    x = params["embed"][tokens_BxL].astype(jnp.float32)
+    inv_freq = rope_inv_freq(cfg)
+
+    def body(carry, xs):
+        x, cache = carry
+        lp, i = xs
+        return _layer(x, lp, cfg=cfg, positions=positions_BxL, allowed=allowed_BxLxS,
+                      inv_freq=inv_freq, cache=cache, layer_idx=i, index=index), None
+
+    if cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], jnp.arange(cfg.num_layers)))
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
+
+
+def unembed(params: Params, h_BxLxD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Float32 logits [B, L, V]."""
+    cd = DTYPES[cfg.compute_dtype]
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("bld,dv->blv", h_BxLxD.astype(cd), w.astype(cd),
+                      preferred_element_type=jnp.float32)
+
+
+def _causal_allowed(mask_BxL: jax.Array) -> jax.Array:
+    l = mask_BxL.shape[1]
+    causal = jnp.tril(jnp.ones((l, l), dtype=bool))
+    return causal[None] & mask_BxL.astype(bool)[:, None, :]
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def hidden(params: Params, tokens, cfg: ModelConfig, mask=None, positions=None) -> jax.Array:
+    """Final hidden states [B, L, D] of a (left-padded) batch."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
+    positions = positions_from_mask(mask) if positions is None else positions
+    h, _ = decoder(params, tokens, cfg, positions_BxL=positions, allowed_BxLxS=_causal_allowed(mask))
+    return h
+
+
+def forward(params: Params, tokens, cfg: ModelConfig, mask=None, positions=None) -> jax.Array:
+    """Logits [B, L, V] (float32) for int32 tokens [B, L].
+
+    `mask` [B, L] marks real tokens (1) and padding (0); padded keys are never attended to and
+    positions count real tokens only, so left padding does not change the real tokens' logits.
+    `positions` [B, L] overrides the positions derived from the mask."""
+    return unembed(params, hidden(params, tokens, cfg, mask, positions), cfg)
+
+
+def token_logprobs(params: Params, tokens_BxL, cfg: ModelConfig, mask_BxL=None, positions_BxL=None,
+                   *, return_entropy: bool = False):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) as [B, L-1] float32 (and the entropies, optional).
+
+    Logits are produced `cfg.logits_chunk` positions at a time under `jax.checkpoint`, so at most
+    [B, chunk, V] float32 logits are alive, in the forward and in the backward pass."""
+    h = hidden(params, tokens_BxL, cfg, mask_BxL, positions_BxL)[:, :-1]
+    targets = jnp.asarray(tokens_BxL, jnp.int32)[:, 1:]
+    b, t, d = h.shape
+    c = min(cfg.logits_chunk, t)
+    pad = (-t) % c
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).swapaxes(0, 1)
+    tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, c).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk(args):
+        h_c, t_c = args
+        logp = jax.nn.log_softmax(unembed(params, h_c, cfg), axis=-1)
+        picked = jnp.take_along_axis(logp, t_c[..., None], axis=-1)[..., 0]
+        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        return picked, ent
+
+    logps, ents = jax.lax.map(chunk, (h, tg))
+    logps = logps.swapaxes(0, 1).reshape(b, -1)[:, :t]
+    ents = ents.swapaxes(0, 1).reshape(b, -1)[:, :t]
+    return (logps, ents) if return_entropy else logps
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> Cache:
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.hd)
+    dt = DTYPES[dtype or cfg.compute_dtype]
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def cached_step(params: Params, tokens_BxL, cfg: ModelConfig, *, cache: Cache, index,
+                positions_BxL, kv_mask_BxS) -> tuple[jax.Array, Cache]:
+    """Run L new tokens against the cache (prefill when L > 1, decode when L = 1).
+
+    The new tokens occupy cache slots [index, index + L); `kv_mask_BxS` marks the valid slots,
+    the new ones included. Returns float32 logits of the new tokens [B, L, V] and the cache."""
+    l, s = tokens_BxL.shape[1], kv_mask_BxS.shape[1]
+    q_slot = index + jnp.arange(l)
+    causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [L, S]
+    allowed = causal[None] & kv_mask_BxS.astype(bool)[:, None, :]
+    h, cache = decoder(params, tokens_BxL, cfg, positions_BxL=positions_BxL, allowed_BxLxS=allowed,
+                       cache=cache, index=index)
+    return unembed(params, h, cfg), cache

@@ -1,0 +1,186 @@
+"""A jitted KV-cache sampler: one prefill, then a `lax.while_loop` decode.
+
+Prompts are left-padded to a bucketed length, so that every slot index is shared by the whole
+batch and a second call with the same bucket reuses the compiled program. With `group_size=G`
+each prompt is prefilled once and its cache is repeated G times (rows b*G .. b*G+G-1 belong to
+prompt b); each row then samples independently.
+
+The KV cache is a preallocated buffer donated to the program and handed back, so a `Sampler`
+reuses the same memory call after call; stale slots are never read because the key mask only
+admits the slots written in this call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax.config import ModelConfig, SamplerConfig
+from grpo_jax.model import Cache, Params, cached_step, init_cache, positions_from_mask
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["tokens", "mask", "lengths", "logps", "sample_logps", "truncated"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class Samples:
+    """What the sampler returns; N = B * G rows, T = max_new_tokens.
+
+    `logps` are log-probs of the sampled tokens under the policy at temperature 1 (what the GRPO
+    ratio needs); `sample_logps` are under the distribution actually sampled from (temperature,
+    top-k, top-p applied; 0 for greedy). Both are 0 where `mask` is 0."""
+
+    tokens: jax.Array  # [N, T] int32, pad_id after a row finishes
+    mask: jax.Array  # [N, T] bool, True for generated tokens (the stop token included)
+    lengths: jax.Array  # [N] int32
+    logps: jax.Array  # [N, T] float32
+    sample_logps: jax.Array  # [N, T] float32
+    truncated: jax.Array  # [N] bool: reached max_new_tokens without a stop token
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], *, bucket: int, pad_id: int = 0,
+                min_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to a common length rounded up to a multiple of `bucket`."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(max(len(p) for p in prompts), min_len)
+    length = -(-longest // bucket) * bucket
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p):] = p
+        mask[i, length - len(p):] = True
+    return tokens, mask
+
+
+def filter_logits(logits_NxV: jax.Array, scfg: SamplerConfig) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus) on float32 logits; removed entries are -inf."""
+    x = logits_NxV / scfg.temperature
+    if scfg.top_k > 0 and scfg.top_k < x.shape[-1]:
+        kth = jax.lax.top_k(x, scfg.top_k)[0][:, -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if scfg.top_p < 1.0:
+        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass of the
+        # tokens above it is still below top_p. The first token always stays.
+        kept = jnp.where(mass_before < scfg.top_p, sorted_x, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        x = jnp.where(x < threshold, -jnp.inf, x)
+    return x
+
+
+def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig):
+    """(token [N], log-prob at temperature 1 [N], log-prob under the sampling distribution [N])."""
+    logits_NxV = logits_NxV.astype(jnp.float32)
+    policy_logp = jax.nn.log_softmax(logits_NxV, axis=-1)
+    if scfg.greedy:
+        tok = jnp.argmax(logits_NxV, axis=-1)
+        sample_logp = jnp.zeros(tok.shape, jnp.float32)
+    else:
+        x = filter_logits(logits_NxV, scfg)
+        tok = jax.random.categorical(key, x, axis=-1)
+        sample_logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], -1)[:, 0]
+    pick = jnp.take_along_axis(policy_logp, tok[:, None], -1)[:, 0]
+    return tok.astype(jnp.int32), pick, sample_logp
+
+
+def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: ModelConfig,
+              scfg: SamplerConfig, group_size: int, pad_id: int):
+    b, p = tokens_BxP.shape
+    t_max, n = scfg.max_new_tokens, b * group_size
+    with jax.named_scope("prefill"):
+        prompt_cache = jax.tree.map(lambda c: c[:, :b], cache)
+        kv_mask = jnp.concatenate([mask_BxP, jnp.zeros((b, t_max), bool)], axis=1)
+        positions = positions_from_mask(mask_BxP)
+        logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=prompt_cache, index=0,
+                                           positions_BxL=positions, kv_mask_BxS=kv_mask)
+        # Prefill each prompt once, then give each of its G rows a copy of the cache.
+        rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
+        cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(jnp.repeat(pc[:, :, :p], group_size, 1)),
+                             cache, prompt_cache)
+        last, kv_mask, pos = rep(logits[:, -1]), rep(kv_mask), rep(positions[:, -1] + 1)
+    stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
+
+    def cond(s):
+        return (s["t"] < t_max) & ~jnp.all(s["done"])
+
+    def body(s):
+        t = s["t"]
+        tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg)
+        live = ~s["done"]
+        tok = jnp.where(live, tok, pad_id)
+        done = s["done"] | jnp.isin(tok, stop_ids)
+        kv_mask = s["kv_mask"].at[:, p + t].set(live)
+        logits, cache = cached_step(params, tok[:, None], cfg, cache=s["cache"], index=p + t,
+                                    positions_BxL=s["pos"][:, None], kv_mask_BxS=kv_mask)
+        col = lambda a, v: a.at[:, t].set(jnp.where(live, v, 0).astype(a.dtype))
+        return dict(t=t + 1, last=logits[:, 0], cache=cache, kv_mask=kv_mask, pos=s["pos"] + 1,
+                    done=done, tokens=s["tokens"].at[:, t].set(tok), mask=col(s["mask"], True),
+                    logps=col(s["logps"], logp), sample_logps=col(s["sample_logps"], slogp))
+
+    init = dict(t=jnp.int32(0), last=last, cache=cache, kv_mask=kv_mask, pos=pos,
+                done=jnp.zeros((n,), bool), tokens=jnp.full((n, t_max), pad_id, jnp.int32),
+                mask=jnp.zeros((n, t_max), bool), logps=jnp.zeros((n, t_max), jnp.float32),
+                sample_logps=jnp.zeros((n, t_max), jnp.float32))
+    with jax.named_scope("decode"):
+        s = jax.lax.while_loop(cond, body, init)
+    lengths = s["mask"].sum(-1).astype(jnp.int32)
+    last_tok = jnp.take_along_axis(s["tokens"], jnp.maximum(lengths - 1, 0)[:, None], 1)[:, 0]
+    truncated = (lengths == t_max) & ~jnp.isin(last_tok, stop_ids)
+    out = Samples(tokens=s["tokens"], mask=s["mask"], lengths=lengths, logps=s["logps"],
+                  sample_logps=s["sample_logps"], truncated=truncated)
+    return out, s["cache"]
+
+
+class Sampler:
+    """Holds the compiled decode program and the donated KV-cache buffer for one model config.
+
+        sampler = Sampler(cfg, SamplerConfig(max_new_tokens=64, temperature=1.0, stop_ids=(2,)))
+        out = sampler(params, tokens_BxP, mask_BxP, key, group_size=8)
+    """
+
+    def __init__(self, cfg: ModelConfig, scfg: SamplerConfig, *, pad_id: int = 0,
+                 cache_dtype: str | None = None):
+        self.cfg, self.scfg, self.pad_id, self.cache_dtype = cfg, scfg, pad_id, cache_dtype
+        self._cache: Cache | None = None
+        # The cache is donated: XLA writes into the same buffer, which we get back and keep.
+        self._fn = jax.jit(_generate, static_argnames=("cfg", "scfg", "group_size", "pad_id"),
+                           donate_argnames=("cache",))
+
+    def _buffer(self, rows: int, length: int) -> Cache:
+        c = self._cache
+        if c is None or c["k"].shape[1] != rows or c["k"].shape[2] != length:
+            c = init_cache(self.cfg, rows, length, self.cache_dtype)
+        self._cache = None
+        return c
+
+    def __call__(self, params: Params, tokens_BxP, mask_BxP, key: jax.Array, *,
+                 group_size: int = 1) -> Samples:
+        if key is None:
+            raise ValueError("a PRNG key is required: pass jax.random.key(seed) folded with the step")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(mask_BxP, bool)
+        b, p = tokens_BxP.shape
+        cache = self._buffer(b * group_size, p + self.scfg.max_new_tokens)
+        out, self._cache = self._fn(params, cache, tokens_BxP, mask_BxP, key, cfg=self.cfg,
+                                    scfg=self.scfg, group_size=group_size, pad_id=self.pad_id)
+        return out
+
+    def cache_size(self) -> int:
+        """Number of compiled variants (a test checks that equal buckets do not recompile)."""
+        return self._fn._cache_size()
+
+
+def generate(params: Params, cfg: ModelConfig, scfg: SamplerConfig, prompts: Sequence[Sequence[int]],
+             key: jax.Array, *, group_size: int = 1, pad_id: int = 0) -> Samples:
+    """One-off convenience: pad token lists to the bucket and sample (builds a new `Sampler`)."""
+    tokens, mask = pad_prompts(prompts, bucket=scfg.prompt_bucket, pad_id=pad_id)
+    return Sampler(cfg, scfg, pad_id=pad_id)(params, tokens, mask, key, group_size=group_size)

@@ -1,0 +1,166 @@
+"""The KV-cache sampler: exactness against full forwards, the sampling distributions, stopping,
+padding, and compilation reuse."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grpo_jax import model as M
+from grpo_jax import sampler as S
+from grpo_jax.config import ModelConfig, SamplerConfig
+
+CFG = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, attention_bias=True)
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [20]]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return M.init_params(CFG, jax.random.key(0), std=0.3)
+
+
+def test_cached_greedy_equals_argmax_of_full_forward(params):
+    scfg = SamplerConfig(max_new_tokens=10, temperature=0.0, prompt_bucket=8)
+    out = S.generate(params, CFG, scfg, PROMPTS, jax.random.key(1), group_size=2)
+    assert out.tokens.shape == (6, 10) and bool(out.mask.all())
+    for r in range(6):
+        seq = np.array([PROMPTS[r // 2] + list(np.asarray(out.tokens[r]))])
+        logits = M.forward(params, seq, CFG)[0, len(PROMPTS[r // 2]) - 1:-1]
+        np.testing.assert_array_equal(np.argmax(logits, -1), out.tokens[r])
+        logp = jax.nn.log_softmax(logits, -1)
+        np.testing.assert_allclose(np.take_along_axis(logp, out.tokens[r][:, None], -1)[:, 0],
+                                   out.logps[r], atol=1e-4)
+    np.testing.assert_array_equal(out.sample_logps, 0.0)
+
+
+def test_sampled_logps_match_full_forward_at_temperature(params):
+    scfg = SamplerConfig(max_new_tokens=6, temperature=0.7, top_k=20, prompt_bucket=4)
+    out = S.generate(params, CFG, scfg, PROMPTS[:2], jax.random.key(3), group_size=3)
+    for r in range(6):
+        seq = np.array([PROMPTS[r // 3] + list(np.asarray(out.tokens[r]))])
+        logits = M.forward(params, seq, CFG)[0, len(PROMPTS[r // 3]) - 1:-1]
+        tok = np.asarray(out.tokens[r])[:, None]
+        want = np.take_along_axis(jax.nn.log_softmax(logits, -1), tok, -1)[:, 0]
+        np.testing.assert_allclose(out.logps[r], want, atol=1e-4)
+        filt = S.filter_logits(logits, scfg)
+        want_s = np.take_along_axis(jax.nn.log_softmax(filt, -1), tok, -1)[:, 0]
+        np.testing.assert_allclose(out.sample_logps[r], want_s, atol=1e-4)
+
+
+def _expected(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The intended distribution, written independently with numpy and a sort."""
+    x = np.asarray(logits, np.float64) / temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros_like(p, bool)
+    mass = 0.0
+    for rank, i in enumerate(order):
+        if (top_k and rank >= top_k) or mass >= top_p:
+            break
+        keep[i] = True
+        mass += p[i]
+    q = np.where(keep, p, 0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=1.0), dict(temperature=0.5), dict(temperature=2.0, top_k=3),
+    dict(temperature=1.0, top_p=0.6), dict(temperature=0.8, top_k=4, top_p=0.9),
+])
+def test_token_frequencies_match_the_intended_distribution(settings):
+    # probs at T=1 ~ [.4, .3, .2, .1, ~0 ...]: top_p=0.6 must keep exactly the first two
+    # (a "cumsum <= p" rule keeps one), top_k=3 the first three.
+    logits = jnp.log(jnp.array([0.4, 0.3, 0.2, 0.1, 1e-3, 1e-3, 1e-3, 1e-3]))
+    n = 40_000
+    scfg = SamplerConfig(**settings)
+    tok, _, slp = S.sample_token(jnp.tile(logits, (n, 1)), jax.random.key(7), scfg)
+    freq = np.bincount(np.asarray(tok), minlength=8) / n
+    want = _expected(logits, **settings)
+    # 40k draws: the standard error of a frequency is <= 0.0025, so 0.01 is 4 sigma.
+    np.testing.assert_allclose(freq, want, atol=0.01)
+    assert freq[want == 0].sum() == 0
+    np.testing.assert_allclose(np.exp(np.asarray(slp)), want[np.asarray(tok)], rtol=1e-4)
+
+
+def test_first_token_distribution_end_to_end(params):
+    """Through prefill and the group cache copy: G rows sample the temperature-scaled softmax."""
+    scfg = SamplerConfig(max_new_tokens=1, temperature=1.5, prompt_bucket=16)
+    g = 4000
+    out = S.generate(params, CFG, scfg, [PROMPTS[1]], jax.random.key(11), group_size=g)
+    logits = M.forward(params, np.array([PROMPTS[1]]), CFG)[0, -1]
+    want = _expected(logits, temperature=1.5)
+    freq = np.bincount(np.asarray(out.tokens[:, 0]), minlength=CFG.vocab_size) / g
+    assert np.abs(freq - want).max() < 0.03  # 4000 draws, probabilities < 0.2: 4 sigma ~ 0.025
+
+
+def test_stop_ids_finish_rows_and_pad_after(params):
+    greedy = SamplerConfig(max_new_tokens=8, temperature=0.0, prompt_bucket=8)
+    free = S.generate(params, CFG, greedy, PROMPTS, jax.random.key(0))
+    stop = int(free.tokens[0, 2])  # row 0 emits this third; other rows may meet it elsewhere
+    scfg = SamplerConfig(max_new_tokens=8, temperature=0.0, prompt_bucket=8, stop_ids=(stop,))
+    out = S.generate(params, CFG, scfg, PROMPTS, jax.random.key(0), pad_id=63)
+    for r in range(3):
+        toks = list(np.asarray(free.tokens[r]))
+        n = toks.index(stop) + 1 if stop in toks else 8
+        assert int(out.lengths[r]) == n
+        np.testing.assert_array_equal(out.tokens[r, :n], free.tokens[r, :n])
+        assert bool(out.mask[r, :n].all()) and not bool(out.mask[r, n:].any())
+        assert (np.asarray(out.tokens[r, n:]) == 63).all()
+        assert (np.asarray(out.logps[r, n:]) == 0).all()
+        assert bool(out.truncated[r]) == (stop not in toks)
+    assert int(out.lengths[0]) == 3
+
+
+def test_every_row_stops_at_once_exits_early(params):
+    scfg = SamplerConfig(max_new_tokens=50, temperature=1.0, prompt_bucket=8,
+                         stop_ids=tuple(range(CFG.vocab_size)))
+    out = S.generate(params, CFG, scfg, PROMPTS, jax.random.key(0))
+    np.testing.assert_array_equal(out.lengths, 1)
+    assert not bool(out.truncated.any())
+
+
+def test_padding_rows_do_not_change_a_prompt_continuation(params):
+    scfg = SamplerConfig(max_new_tokens=6, temperature=0.0, prompt_bucket=1)
+    alone = S.generate(params, CFG, scfg, [PROMPTS[2]], jax.random.key(0))
+    scfg16 = SamplerConfig(max_new_tokens=6, temperature=0.0, prompt_bucket=16)
+    batched = S.generate(params, CFG, scfg16, PROMPTS, jax.random.key(0))
+    np.testing.assert_array_equal(alone.tokens[0], batched.tokens[2])
+    np.testing.assert_allclose(alone.logps[0], batched.logps[2], atol=1e-5)
+
+
+def test_group_rows_sample_independently_and_keys_matter(params):
+    scfg = SamplerConfig(max_new_tokens=8, temperature=1.0, prompt_bucket=8)
+    a = S.generate(params, CFG, scfg, PROMPTS, jax.random.key(0), group_size=4)
+    b = S.generate(params, CFG, scfg, PROMPTS, jax.random.key(0), group_size=4)
+    c = S.generate(params, CFG, scfg, PROMPTS, jax.random.key(1), group_size=4)
+    np.testing.assert_array_equal(a.tokens, b.tokens)  # same key, same samples
+    assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
+    rows = {tuple(np.asarray(a.tokens[i])) for i in range(4)}
+    assert len(rows) > 1  # the 4 rows of prompt 0 are not copies of one another
+
+
+def test_same_bucket_does_not_recompile(params):
+    scfg = SamplerConfig(max_new_tokens=5, temperature=1.0, prompt_bucket=16)
+    sampler = S.Sampler(CFG, scfg)
+    sizes = []
+    for i, prompts in enumerate([PROMPTS, [[1, 2], [3] * 12, [4, 5, 6]], [[9] * 16, [8], [7]]]):
+        tokens, mask = S.pad_prompts(prompts, bucket=16)
+        sampler(params, tokens, mask, jax.random.key(i), group_size=2)
+        sizes.append(sampler.cache_size())
+    assert sizes[1] == sizes[0] and sizes[2] == sizes[0]
+    tokens, mask = S.pad_prompts([[1] * 17, [2], [3]], bucket=16)  # the next bucket: one more
+    sampler(params, tokens, mask, jax.random.key(9), group_size=2)
+    assert sampler.cache_size() == sizes[0] + 1
+
+
+def test_missing_key_and_bad_settings_are_errors(params):
+    sampler = S.Sampler(CFG, SamplerConfig(max_new_tokens=2))
+    tokens, mask = S.pad_prompts(PROMPTS, bucket=4)
+    with pytest.raises(ValueError, match="PRNG key is required"):
+        sampler(params, tokens, mask, None)
+    with pytest.raises(ValueError, match="top_p: must be in"):
+        SamplerConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        S.pad_prompts([[1], []], bucket=4)
