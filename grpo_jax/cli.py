@@ -10,6 +10,7 @@ from pathlib import Path
 import tyro
 
 COMMANDS = {
+    "run": "run an experiment file: grpo-jax run experiments/NAME.py [--field value ...]",
     "demo": "make a tiny model locally, save it in Hugging Face format, reload it, and sample",
 }
 
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:8s} {text}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        from grpo_jax.runner import main as run_main
+
+        run_main(rest)
     if cmd == "demo":
         demo(tyro.cli(DemoArgs, args=rest, prog="grpo-jax demo"))
 

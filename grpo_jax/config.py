@@ -7,6 +7,7 @@ that names the field and the allowed range. Derived values are properties, never
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Literal
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -129,3 +130,243 @@ class SamplerConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# ----------------------------------------------------------------------------- training
+
+AdvantageNorm = Literal["group_std", "none", "batch_std", "rloo"]
+KLEstimator = Literal["k1", "k2", "k3"]
+RatioLevel = Literal["token", "sequence"]
+Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+ZeroStd = Literal["keep", "drop", "dynamic"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """The GRPO surrogate and its published variants (SPEC.md section 2).
+
+    Paper symbols: G = `group_size`; mu = `mu` (updates per rollout, with stored old log-probs);
+    eps = `eps_low` / `eps_high` (PPO clip range; DAPO clip-higher uses eps_high = 0.28);
+    beta = `kl_coef` (0: no reference model is built or run).
+
+    - `kl_estimator`: k1 = logp - logp_ref; k2 = 0.5 (logp - logp_ref)^2; k3 = Schulman's
+      pi_ref/pi - log(pi_ref/pi) - 1 (DeepSeekMath eq. 4).
+    - `adv_norm`: group_std (GRPO, Bessel-corrected std with `std_ddof` and `adv_eps`); none
+      (Dr. GRPO: R - group mean); batch_std (TRL scale_rewards="batch"); rloo (leave-one-out).
+    - `ratio_level`: token (GRPO) or sequence (GSPO: exp of the mean token log-ratio).
+    - `aggregation`: seq_mean_token_mean (GRPO), token_mean (DAPO), seq_mean_token_sum_norm
+      (Dr. GRPO: token sum over the constant G * L_max).
+    - `mask_truncated`: DAPO overlong filtering (completions without a stop token get no loss).
+    - `zero_std`: keep groups whose rewards all agree (their advantage is 0), drop them from the
+      loss, or "dynamic" (DAPO): sample `dynamic_oversample` x the prompts and fill the batch
+      with groups whose rewards differ first.
+    - `overlong_cache`: DAPO soft overlong penalty, 0 up to L_max - cache, then linear to -1
+      at L_max (0 = off; L_max is the sampler's max_new_tokens).
+    - `ref_refresh_every`: set the reference to the current policy every K steps (DeepSeekMath
+      Algorithm 1's outer loop; 0 = never).
+    """
+
+    group_size: int = 8
+    mu: int = 1
+    minibatches: int = 1
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_coef: float = 0.04
+    kl_estimator: KLEstimator = "k3"
+    adv_norm: AdvantageNorm = "group_std"
+    adv_eps: float = 1e-4
+    std_ddof: int = 1
+    ratio_level: RatioLevel = "token"
+    aggregation: Aggregation = "seq_mean_token_mean"
+    mask_truncated: bool = False
+    zero_std: ZeroStd = "keep"
+    dynamic_oversample: float = 2.0
+    overlong_cache: int = 0
+    ref_refresh_every: int = 0
+
+    def __post_init__(self):
+        _check(self.group_size >= 2, "grpo.group_size", f"must be >= 2 (a group needs a baseline), got {self.group_size}")
+        _check(self.mu >= 1, "grpo.mu", f"must be >= 1, got {self.mu}")
+        _check(self.minibatches >= 1, "grpo.minibatches", f"must be >= 1, got {self.minibatches}")
+        _check(0 <= self.eps_low < 1, "grpo.eps_low", f"must be in [0, 1), got {self.eps_low}")
+        _check(self.eps_high >= 0, "grpo.eps_high", f"must be >= 0, got {self.eps_high}")
+        _check(self.kl_coef >= 0, "grpo.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _check_choice(self.kl_estimator, "grpo.kl_estimator", ("k1", "k2", "k3"))
+        _check_choice(self.adv_norm, "grpo.adv_norm", ("group_std", "none", "batch_std", "rloo"))
+        _check_choice(self.ratio_level, "grpo.ratio_level", ("token", "sequence"))
+        _check_choice(self.aggregation, "grpo.aggregation",
+                      ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"))
+        _check_choice(self.zero_std, "grpo.zero_std", ("keep", "drop", "dynamic"))
+        _check(self.dynamic_oversample >= 1, "grpo.dynamic_oversample",
+               f"must be >= 1, got {self.dynamic_oversample}")
+        _check(self.overlong_cache >= 0, "grpo.overlong_cache", f"must be >= 0, got {self.overlong_cache}")
+        _check(self.ref_refresh_every >= 0, "grpo.ref_refresh_every",
+               f"must be >= 0 (0 = never), got {self.ref_refresh_every}")
+        _check(self.std_ddof in (0, 1), "grpo.std_ddof", f"must be 0 or 1, got {self.std_ddof}")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_coef > 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """optax AdamW with linear warm-up then a constant or cosine learning rate, global-norm
+    clipping, and gradient accumulation over `micro_batches` per minibatch."""
+
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # 0 = no clipping
+    micro_batches: int = 1
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check_choice(self.schedule, "optim.schedule", ("constant", "cosine"))
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.clip_norm >= 0, "optim.clip_norm", f"must be >= 0 (0 = off), got {self.clip_norm}")
+        _check(self.micro_batches >= 1, "optim.micro_batches", f"must be >= 1, got {self.micro_batches}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """Where the policy comes from: a Hugging Face directory / hub id (`path`), or a fresh random
+    init of `init` (used by the tiny experiments, with the built-in character tokenizer)."""
+
+    path: str | None = None
+    init: ModelConfig | None = None
+    param_dtype: DType | None = None  # None: the checkpoint's dtype
+    compute_dtype: DType | None = None
+    remat: bool = False
+
+    def __post_init__(self):
+        _check((self.path is None) != (self.init is None), "model",
+               "set exactly one of model.path (a Hugging Face directory or hub id) and model.init")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The task (see grpo_jax/tasks) and how its questions become prompts."""
+
+    task: str = "arithmetic"
+    task_args: str = "{}"  # the task's keyword arguments as a JSON object, e.g. '{"digits": [1, 2]}'
+    template: Literal["r1_zero", "chat", "plain", "short"] = "r1_zero"
+    max_prompt_tokens: int = 512
+    eval_problems: int = 200
+
+    def __post_init__(self):
+        _check_choice(self.template, "data.template", ("r1_zero", "chat", "plain", "short"))
+        try:
+            args = json.loads(self.task_args)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data.task_args: not a JSON object ({e}): {self.task_args!r}") from None
+        _check(isinstance(args, dict), "data.task_args", f"must be a JSON object, got {self.task_args!r}")
+        _check(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", f"must be >= 1, got {self.max_prompt_tokens}")
+        _check(self.eval_problems >= 1, "data.eval_problems", f"must be >= 1, got {self.eval_problems}")
+
+    @property
+    def task_kwargs(self) -> dict:
+        return json.loads(self.task_args)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """Reward names (grpo_jax/rewards registry) with their weights; r = sum_i w_i r_i."""
+
+    weights: tuple[tuple[str, float], ...] = (("accuracy", 1.0), ("format", 0.3))
+    on_error: Literal["zero", "raise"] = "zero"
+
+    def __post_init__(self):
+        _check(len(self.weights) >= 1, "rewards.weights", "needs at least one (name, weight)")
+        _check_choice(self.on_error, "rewards.on_error", ("zero", "raise"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Held-out evaluation: pass@1 averaged over `samples` completions per problem (R1 uses
+    temperature 0.6, top-p 0.95) and greedy accuracy."""
+
+    every: int = 0  # steps between evaluations (0 = only before and after training)
+    samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    batch_prompts: int = 64
+
+    def __post_init__(self):
+        _check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _check(self.samples >= 1, "eval.samples", f"must be >= 1, got {self.samples}")
+        _check(self.batch_prompts >= 1, "eval.batch_prompts", f"must be >= 1, got {self.batch_prompts}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    every: int = 1  # steps between metric lines
+    samples_every: int = 10  # steps between logged decoded completions (0 = never)
+    num_samples: int = 4
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints (0 = only the final one)
+    keep: int = 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """A short next-token pretraining of a freshly initialized model on synthetic task text: it
+    stands in for a pretrained base model in the tiny experiments. `template_fraction` of the
+    documents use the R1 answer template; the rest answer bare, like a base model's web text."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    template_fraction: float = 0.2
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "pretrain.steps", f"must be >= 1, got {self.steps}")
+        _check(0 <= self.template_fraction <= 1, "pretrain.template_fraction",
+               f"must be in [0, 1], got {self.template_fraction}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Experiment:
+    """One GRPO run. B = `prompts_per_step`, G = `grpo.group_size`, N = B * G completions."""
+
+    seed: int = 0
+    steps: int = 100
+    prompts_per_step: int = 16
+    model: ModelSource
+    sampler: SamplerConfig = SamplerConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    rewards: RewardConfig = RewardConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    pretrain: PretrainConfig | None = None
+    run_dir: str | None = None  # None: a new directory under runs/
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        _check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        n, mb = self.completions_per_step, self.grpo.minibatches * self.optim.micro_batches
+        _check(n % mb == 0, "grpo.minibatches",
+               f"prompts_per_step * group_size = {self.prompts_per_step} * {self.grpo.group_size} "
+               f"= {n} completions must split evenly into grpo.minibatches ({self.grpo.minibatches})"
+               f" x optim.micro_batches ({self.optim.micro_batches}) = {mb} parts")
+        _check(self.pretrain is None or self.model.init is not None, "pretrain",
+               "pretraining from scratch needs model.init (a fresh model), not model.path")
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts_per_step * self.grpo.group_size

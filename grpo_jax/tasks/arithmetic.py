@@ -61,6 +61,16 @@ def tree_text(tree: Tree, spaced: bool = False) -> str:
     return f"{left} {op} {right}" if spaced else f"{left}{op}{right}"
 
 
+def tree_steps(tree: Tree) -> list[str]:
+    """The evaluation of a tree one operation at a time, innermost first: ["3*4=12", "5+12=17"].
+    The built-in chain of thought of the tiny experiments."""
+    if isinstance(tree, int):
+        return []
+    op, a, b = tree
+    steps = tree_steps(a) + tree_steps(b)
+    return steps + [f"{tree_value(a)}{op}{tree_value(b)}={tree_value(tree)}"]
+
+
 def random_tree(leaves: list[int], ops: str, rng: random.Random) -> Tree:
     """A uniformly split random binary tree over `leaves` (in order) with random operators."""
     if len(leaves) == 1:
@@ -118,6 +128,7 @@ class ArithmeticTask:
             "question": question,
             "answer": str(value),
             "expression": expression,
+            "steps": tree_steps(tree),
         }
 
     def _split(self, n: int, rng: random.Random, split: str) -> list[Example]:

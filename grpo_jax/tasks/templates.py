@@ -18,8 +18,13 @@ R1_ZERO_TEMPLATE = (
 # instruct model is told about the tags the format reward looks for.
 R1_SYSTEM_PROMPT = R1_ZERO_TEMPLATE.split(" User:")[0]
 
-TemplateName = Literal["r1_zero", "chat", "plain"]
-TEMPLATES: tuple[str, ...] = ("r1_zero", "chat", "plain")
+# The tiny CPU experiments' compact stand-in: the same User/Assistant turn without the long
+# instruction (a character-level model would spend ~400 tokens on it). The completion format is
+# the R1 one, <think> ... </think> <answer> ... </answer>.
+SHORT_TEMPLATE = "User: {prompt} Assistant:"
+
+TemplateName = Literal["r1_zero", "chat", "plain", "short"]
+TEMPLATES: tuple[str, ...] = ("r1_zero", "chat", "plain", "short")
 
 
 def r1_zero_prompt(question: str) -> str:
@@ -64,12 +69,14 @@ def format_prompt(
     system: str | None = None,
     add_think: bool = False,
 ) -> str:
-    """The prompt text for an example under `template` ("r1_zero", "chat" or "plain")."""
+    """The prompt text for an example under `template` ("r1_zero", "chat", "plain" or "short")."""
     question = example["question"]
     if template == "r1_zero":
         return r1_zero_prompt(question)
     if template == "plain":
         return question
+    if template == "short":
+        return SHORT_TEMPLATE.format(prompt=question.strip())
     if template == "chat":
         if tokenizer is None:
             raise ValueError("template='chat' needs a tokenizer")

@@ -1,0 +1,299 @@
+"""GRPO: rollout -> score -> update, as a few jitted programs built once.
+
+One step (B prompts, G completions each, N = B * G):
+  1. rollout  (jitted sampler, donated KV cache): N completions and their sampler log-probs;
+  2. rewards  (host): decoded text through the reward registry, combined with weights;
+  3. advantages, zero-std handling, truncation masking (host, tiny arrays);
+  4. score    (jitted, no gradient): reference log-probs when beta > 0, old log-probs when the
+              rollout is reused (mu > 1 or several minibatches);
+  5. update   (jitted, donated state): `lax.scan` over mu epochs x minibatches, each minibatch's
+              gradient accumulated over micro-batches.
+Metrics are fetched one step late, so the device never waits for logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from grpo_jax import loss as L
+from grpo_jax import model
+from grpo_jax.config import Experiment, ModelConfig, SamplerConfig
+from grpo_jax.optim import lr_schedule, make_optimizer
+from grpo_jax.rewards import get_reward
+from grpo_jax.rewards.combine import score_completions
+from grpo_jax.rewards.length import overlong_penalty
+from grpo_jax.sampler import Sampler, pad_prompts
+from grpo_jax.tasks import Example
+from grpo_jax.tasks.templates import format_prompt
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "opt_state", "step"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array  # optimizer updates so far
+
+
+def prompt_ids(tok, examples: list[Example], template: str, max_tokens: int) -> list[list[int]]:
+    ids = []
+    for ex in examples:
+        p = tok(format_prompt(ex, template, tok), add_special_tokens=False).input_ids
+        if len(p) > max_tokens:
+            raise ValueError(f"prompt of example {ex.get('id')} has {len(p)} tokens, more than "
+                             f"data.max_prompt_tokens={max_tokens}; raise the limit or shorten it")
+        ids.append(p)
+    return ids
+
+
+def decode(tok, tokens_NxT, lengths_N) -> list[str]:
+    tokens_NxT, lengths_N = np.asarray(tokens_NxT), np.asarray(lengths_N)
+    return tok.batch_decode([t[:n] for t, n in zip(tokens_NxT, lengths_N)], skip_special_tokens=True)
+
+
+def select_groups(rewards_BxG: np.ndarray, want: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the `want` groups to train on, per-group keep flag). "dynamic" prefers groups
+    whose rewards differ (DAPO) and fills up with zero-std ones; "drop" keeps them in the batch
+    with no loss; "keep" trains on everything."""
+    zero = np.asarray(L.zero_std_groups(rewards_BxG))
+    order = np.arange(len(zero))
+    if mode == "dynamic":
+        order = np.concatenate([np.flatnonzero(~zero), np.flatnonzero(zero)])
+    idx = order[:want]
+    keep = np.ones(want, bool) if mode == "keep" else ~zero[idx]
+    return idx, keep
+
+
+class GRPOTrainer:
+    """Holds the compiled programs of one experiment. `step(state, ref_params, step)` runs one
+    GRPO iteration and returns the new state and the (host) metrics of this step."""
+
+    def __init__(self, exp: Experiment, cfg: ModelConfig, tok, task):
+        self.exp, self.cfg, self.tok, self.task = exp, cfg, tok, task
+        g = exp.grpo
+        self.stop_ids = tuple(exp.sampler.stop_ids) or (tok.eos_token_id,)
+        self.scfg = dataclasses.replace(exp.sampler, stop_ids=self.stop_ids)
+        self.sampler = Sampler(cfg, self.scfg, pad_id=tok.pad_token_id)
+        self.reuse_rollout = g.mu * g.minibatches > 1  # then old log-probs must be stored
+        updates = exp.steps * g.mu * g.minibatches
+        self.tx = make_optimizer(exp.optim, max(updates, 1))
+        self.lr = lr_schedule(exp.optim, max(updates, 1))
+        self.rewards = {name: w for name, w in exp.rewards.weights}
+        for name in self.rewards:
+            get_reward(name)  # fail now, not at the first step, on a misspelled name
+        self._score = jax.jit(self._score_fn)
+        self._update = jax.jit(self._update_fn, donate_argnums=(0,))
+        self.keys = dict(zip(("data", "rollout", "update"),
+                             jax.random.split(jax.random.key(exp.seed), 3)))
+
+    # ------------------------------------------------------------------ jitted programs
+
+    def _score_fn(self, params, tokens_NxL, attn_NxL):
+        """Completion log-probs [N, T] under `params` (no gradient is ever taken of this)."""
+        t = self.scfg.max_new_tokens
+        logps = model.token_logprobs(params, tokens_NxL, self.cfg, attn_NxL)
+        return logps[:, -t:]
+
+    def init_state(self, params) -> TrainState:
+        return TrainState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0))
+
+    def _loss_fn(self, params, mb, weight):
+        g, t = self.exp.grpo, self.scfg.max_new_tokens
+        logps, ent = model.token_logprobs(params, mb["tokens"], self.cfg, mb["attn"],
+                                          return_entropy=True)
+        logps, ent = logps[:, -t:], ent[:, -t:]
+        old = mb["old_logps"] if self.reuse_rollout else jax.lax.stop_gradient(logps)
+        loss, metrics = L.grpo_loss(
+            logps, old, mb.get("ref_logps"), mb["adv"], mb["loss_mask"], eps_low=g.eps_low,
+            eps_high=g.eps_high, beta=g.kl_coef, kl_estimator=g.kl_estimator,
+            ratio_level=g.ratio_level, aggregation=g.aggregation, max_completion_len=t)
+        m = mb["gen_mask"].astype(jnp.float32)
+        denom = jnp.maximum(m.sum(), 1.0)
+        metrics["entropy"] = jnp.sum(jax.lax.stop_gradient(ent) * m) / denom
+        # How far the trainer's log-probs are from the sampler's (same params, different program)
+        metrics["logp_gap_sampler"] = jnp.sum(
+            jnp.abs(jax.lax.stop_gradient(logps) - mb["sampler_logps"]) * m) / denom
+        return loss * weight, metrics
+
+    def _minibatch(self, state: TrainState, mb):
+        """One optimizer update from a minibatch, accumulating over micro-batches."""
+        k = self.exp.optim.micro_batches
+        micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), mb)
+        if self.exp.grpo.aggregation == "token_mean":
+            # DAPO normalizes by the tokens of the whole minibatch: weight each micro-batch by
+            # its share, so that accumulation gives exactly the one-batch gradient.
+            tok = micro["loss_mask"].sum(axis=(1, 2)).astype(jnp.float32)
+            weights = tok / jnp.maximum(tok.sum(), 1.0)
+        else:
+            weights = jnp.full((k,), 1.0 / k)
+        grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
+
+        def acc(carry, xs):
+            mbi, w = xs
+            (l, metrics), grads = grad_fn(state.params, mbi, w)
+            carry = jax.tree.map(jnp.add, carry, grads)
+            return carry, (l, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (losses, metrics) = jax.lax.scan(acc, zeros, (micro, weights))
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["loss"] = losses.sum()
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    def _update_fn(self, state: TrainState, batch, key):
+        g = self.exp.grpo
+        n = batch["adv"].shape[0]
+
+        def epoch(state, k):
+            perm = jax.random.permutation(k, n) if g.minibatches > 1 else jnp.arange(n)
+            shuffled = jax.tree.map(
+                lambda x: x[perm].reshape(g.minibatches, n // g.minibatches, *x.shape[1:]), batch)
+            return jax.lax.scan(self._minibatch, state, shuffled)
+
+        state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, g.mu))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self, state: TrainState, ref_params, step: int) -> tuple[TrainState, dict, dict]:
+        """One GRPO iteration. Returns (state, device metrics (fetch later), host metrics)."""
+        exp, g = self.exp, self.exp.grpo
+        t0 = time.perf_counter()
+        b = exp.prompts_per_step
+        n_prompts = math.ceil(b * g.dynamic_oversample) if g.zero_std == "dynamic" else b
+        examples = self.task.train(n_prompts, seed=exp.seed * 1_000_003 + step)
+        ids = prompt_ids(self.tok, examples, exp.data.template, exp.data.max_prompt_tokens)
+        p_tok, p_mask = pad_prompts(ids, bucket=self.scfg.prompt_bucket, pad_id=self.tok.pad_token_id)
+        with jax.named_scope("rollout"):
+            out = self.sampler(state.params, p_tok, p_mask,
+                               jax.random.fold_in(self.keys["rollout"], step), group_size=g.group_size)
+            out = jax.device_get(out)
+        t_roll = time.perf_counter() - t0
+
+        completions = decode(self.tok, out.tokens, out.lengths)
+        prompts_text = [format_prompt(ex, exp.data.template, self.tok) for ex in examples]
+        rep = lambda xs: [x for x in xs for _ in range(g.group_size)]
+        fields = {k: rep([ex.get(k) for ex in examples]) for k in examples[0]}
+        fields["completion_length"] = [int(x) for x in out.lengths]
+        scored = score_completions(rep(prompts_text), completions, fields, self.rewards,
+                                   on_error=exp.rewards.on_error)
+        total = scored.total.astype(np.float32)
+        if g.overlong_cache:
+            total = total + np.array([overlong_penalty(int(x), self.scfg.max_new_tokens,
+                                                       g.overlong_cache) for x in out.lengths],
+                                     np.float32)
+        rewards_BxG = total.reshape(n_prompts, g.group_size)
+        idx, keep = select_groups(rewards_BxG, b, g.zero_std)
+        rows = (idx[:, None] * g.group_size + np.arange(g.group_size)).reshape(-1)
+        adv = np.asarray(L.compute_advantages(rewards_BxG[idx], g.adv_norm, eps=g.adv_eps,
+                                              std_ddof=g.std_ddof)).reshape(-1)
+        gen_mask = out.mask[rows]
+        loss_mask = gen_mask & np.repeat(keep, g.group_size)[:, None]
+        if g.mask_truncated:
+            loss_mask = loss_mask & ~out.truncated[rows][:, None]
+
+        p_rows = rows // g.group_size
+        tokens = np.concatenate([p_tok[p_rows], out.tokens[rows]], axis=1)
+        attn = np.concatenate([p_mask[p_rows], gen_mask], axis=1)
+        batch = dict(tokens=tokens, attn=attn, gen_mask=gen_mask, loss_mask=loss_mask,
+                     adv=adv.astype(np.float32), sampler_logps=out.logps[rows])
+        with jax.named_scope("score"):
+            if g.uses_reference:
+                batch["ref_logps"] = self._score(ref_params, tokens, attn)
+            if self.reuse_rollout:
+                batch["old_logps"] = self._score(state.params, tokens, attn)
+        t1 = time.perf_counter()
+        lr = float(self.lr(int(state.step)))
+        state, dev_metrics = self._update(state, batch, jax.random.fold_in(self.keys["update"], step))
+
+        lengths = out.lengths[rows]
+        host = {
+            "step": step + 1,
+            "reward": float(total[rows].mean()), "reward_std": float(total[rows].std()),
+            **{f"reward/{k}": float(v[rows].mean()) for k, v in scored.per_reward.items()},
+            **{f"reward_failures/{k}": int(v) for k, v in scored.failures.items() if v},
+            "response_length": float(lengths.mean()), "response_length_max": int(lengths.max()),
+            "truncated_frac": float(out.truncated[rows].mean()),
+            "zero_std_frac": float(np.asarray(L.zero_std_groups(rewards_BxG)).mean()),
+            "lr": lr, "rollout_s": t_roll,
+            "rollout_tokens_per_s": float(out.lengths.sum()) / max(t_roll, 1e-9),
+            "_t_update_start": t1, "_tokens": float(gen_mask.sum()),
+        }
+        if "accuracy" in scored.per_reward:
+            host["accuracy"] = float(scored.per_reward["accuracy"][rows].mean())
+        if "format" in scored.per_reward:
+            host["format_rate"] = float(scored.per_reward["format"][rows].mean())
+        samples = [{"step": step + 1, "prompt": prompts_text[i // g.group_size],
+                    "completion": completions[i], "reward": float(total[i])}
+                   for i in rows[: exp.log.num_samples]]
+        host["_samples"] = samples
+        return state, dev_metrics, host
+
+
+def finish_metrics(dev_metrics: dict, host: dict, t_step_start: float) -> dict:
+    """Fetch the device metrics (after the next step was dispatched) and complete the line."""
+    m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+    now = time.perf_counter()
+    train_s = now - host.pop("_t_update_start")
+    tokens = host.pop("_tokens")
+    host.pop("_samples", None)
+    return {**host, **m, "train_tokens_per_s": tokens / max(train_s, 1e-9),
+            "step_s": now - t_step_start}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(params, cfg: ModelConfig, tok, examples: list[Example], *, template: str,
+             max_new_tokens: int, samples: int, temperature: float, top_p: float, key,
+             batch_prompts: int, max_prompt_tokens: int, bucket: int = 16,
+             progress: Callable[[int], None] | None = None) -> dict:
+    """pass@1 averaged over `samples` completions per problem, greedy accuracy, format rate and
+    mean length, on held-out examples. Batches are padded to one shape: no recompiles."""
+    stop = (tok.eos_token_id,)
+    sampled = Sampler(cfg, SamplerConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, stop_ids=stop, prompt_bucket=bucket),
+                      pad_id=tok.pad_token_id)
+    greedy = Sampler(cfg, SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0,
+                                        stop_ids=stop, prompt_bucket=bucket), pad_id=tok.pad_token_id)
+    ids = prompt_ids(tok, examples, template, max_prompt_tokens)
+    longest = max(len(i) for i in ids)
+    acc, fmt, lengths, greedy_acc = [], [], [], []
+    acc_fn, fmt_fn = get_reward("accuracy"), get_reward("format")
+    for start in range(0, len(examples), batch_prompts):
+        chunk = ids[start:start + batch_prompts]
+        exs = examples[start:start + batch_prompts]
+        real = len(chunk)
+        chunk = chunk + [chunk[0]] * (batch_prompts - real)  # same shape every batch
+        p_tok, p_mask = pad_prompts(chunk, bucket=bucket, pad_id=tok.pad_token_id, min_len=longest)
+        k = jax.random.fold_in(key, start)
+        for sampler, g, sink in ((sampled, samples, None), (greedy, 1, greedy_acc)):
+            out = jax.device_get(sampler(params, p_tok, p_mask, k, group_size=g))
+            texts = decode(tok, out.tokens[: real * g], out.lengths[: real * g])
+            prompts = [format_prompt(ex, template, tok) for ex in exs for _ in range(g)]
+            gold = [ex["answer"] for ex in exs for _ in range(g)]
+            a = acc_fn(prompts, texts, answer=gold)
+            if sink is None:
+                acc += a
+                fmt += fmt_fn(prompts, texts)
+                lengths += [int(x) for x in out.lengths[: real * g]]
+            else:
+                sink += a
+        if progress is not None:
+            progress(start + real)
+    return {"pass_at_1": float(np.mean(acc)), "greedy_accuracy": float(np.mean(greedy_acc)),
+            "format_rate": float(np.mean(fmt)), "mean_length": float(np.mean(lengths)),
+            "problems": len(examples), "samples_per_problem": samples}

@@ -1,0 +1,298 @@
+"""Throughput of the jitted KV-cache sampler, against the matmul peak of the same process and,
+optionally, against `transformers` `generate` on the same weights.
+
+    python scripts/make_tiny_model.py --out /tmp/bench_tiny
+    python scripts/bench_sampler.py --model-dir /tmp/bench_tiny --prompts 8 --group 8 \
+        --prompt-len 16 --new-tokens 32 --compare-hf
+
+Every prompt has exactly --prompt-len random tokens (ids 4 .. vocab-1, seeded, no padding) and
+there are no stop ids, so each of the N = prompts * group rows generates exactly --new-tokens
+tokens. One call is compiled and run (its time minus the steady-state time is `compile_s`),
+one more call warms up, then --repeats calls are timed, each with its own key
+(`jax.random.fold_in`) and `jax.block_until_ready`; the median is reported. With --compare-hf
+the same directory is loaded by `transformers.AutoModelForCausalLM` (float32, eval, inference
+mode) and `generate` is timed the same way with the same sampling settings.
+
+`model_flops_per_call` counts the work a sampler needs, not what an implementation executes:
+2 * (matmul weights) per token for the B prompts' P tokens (each prompt prefilled once) and the
+N rows' T - 1 decode forwards (the T-th sampled token needs no forward pass), 4 * ctx * H * Hd
+per token per layer for attention over its causal context only (ctx = position + 1), and
+2 * D * V of unembedding for each position whose logits are sampled from (B prefill positions,
+N * (T - 1) decode positions). `executed_flops_per_call` is what our sampler actually computes
+(logits for every prompt position, T decode forwards, attention over every cache slot), for
+diagnosis. The last line printed is one JSON object with all numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax import hf_io
+from grpo_jax.config import ModelConfig, SamplerConfig
+from grpo_jax.sampler import Sampler
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model-dir", required=True, help="a Hugging Face model directory")
+    ap.add_argument("--prompts", type=int, default=8, help="B, distinct prompts")
+    ap.add_argument("--group", type=int, default=8, help="G, completions per prompt")
+    ap.add_argument("--prompt-len", type=int, default=16, help="P, tokens per prompt (exact)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="T, generated tokens per row")
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
+    ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--param-dtype", default=None, help="cast weights on load (default: checkpoint)")
+    ap.add_argument("--peak-n", type=int, default=1024, help="side of the float32 matmul for the peak")
+    ap.add_argument("--peak-repeats", type=int, default=7)
+    ap.add_argument("--compare-hf", action="store_true",
+                    help="also time transformers generate (torch, float32, CPU)")
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    dev = jax.devices()[0]
+    try:
+        import jaxlib
+
+        jaxlib_version = jaxlib.__version__
+    except Exception:
+        jaxlib_version = None
+    return {"backend": jax.default_backend(), "device": str(dev),
+            "device_kind": getattr(dev, "device_kind", None), "device_count": jax.device_count(),
+            "jax": jax.__version__, "jaxlib": jaxlib_version,
+            "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version()}
+
+
+def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def matmul_peak(n: int, repeats: int) -> float:
+    """FLOP/s of a jitted float32 [n, n] @ [n, n] in this process (median of `repeats`)."""
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    jax.block_until_ready(f(a, b))
+    jax.block_until_ready(f(a, b))
+    med, _ = _median_time(lambda i: jax.block_until_ready(f(a, b)), repeats)
+    return 2.0 * n ** 3 / med
+
+
+# ----------------------------------------------------------------------------- flops
+
+
+def _matmul_weights_per_token(cfg: ModelConfig) -> int:
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.hd
+    per_layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
+    return cfg.num_layers * per_layer  # unembedding counted separately
+
+
+def flops_per_call(cfg: ModelConfig, b: int, g: int, p: int, t: int) -> dict:
+    n, s = b * g, p + t
+    w = _matmul_weights_per_token(cfg)
+    attn_unit = 4 * cfg.num_layers * cfg.num_heads * cfg.hd  # per token per context slot
+    unembed = 2 * cfg.hidden_size * cfg.vocab_size
+    # needed work: prefill B*P tokens (causal ctx 1..P), decode N*(T-1) tokens at positions
+    # P..P+T-2 (ctx P+1..P+T-1), logits at B + N*(T-1) positions
+    prefill_ctx = p * (p + 1) // 2
+    decode_ctx = sum(p + 1 + j for j in range(t - 1))
+    model = (2 * w * (b * p + n * (t - 1)) + attn_unit * (b * prefill_ctx + n * decode_ctx)
+             + unembed * (b + n * (t - 1)))
+    # what our sampler executes: logits at all B*P prompt positions, T decode forwards,
+    # every query attends over all S = P + T cache slots (masked ones included)
+    executed = (2 * w * (b * p + n * t) + attn_unit * s * (b * p + n * t)
+                + unembed * (b * p + n * t))
+    return {"model": float(model), "executed": float(executed)}
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def bench_jax(cfg, params, prompts: np.ndarray, a) -> dict:
+    scfg = SamplerConfig(max_new_tokens=a.new_tokens, temperature=a.temperature, top_k=a.top_k,
+                         top_p=a.top_p, stop_ids=())
+    sampler = Sampler(cfg, scfg, pad_id=0)
+    tokens = jnp.asarray(prompts, jnp.int32)
+    mask = jnp.ones(prompts.shape, bool)
+    key = jax.random.key(a.seed + 1)
+
+    def call(i):
+        return jax.block_until_ready(sampler(params, tokens, mask, jax.random.fold_in(key, i),
+                                             group_size=a.group))
+
+    t0 = time.perf_counter()
+    out = call(10_000)  # compile + run
+    first = time.perf_counter() - t0
+    call(10_001)  # one more warm-up call
+    med, times = _median_time(call, a.repeats)
+    lengths = np.asarray(out.lengths)
+    n = a.prompts * a.group
+    if not (lengths == a.new_tokens).all() or out.tokens.shape != (n, a.new_tokens):
+        raise SystemExit(f"expected {n} rows of {a.new_tokens} tokens, got lengths {lengths}")
+    if sampler.cache_size() != 1:
+        raise SystemExit(f"the sampler recompiled: {sampler.cache_size()} compiled variants")
+    return {"s_per_call": med, "times": times, "first_call_s": first,
+            "compile_s": max(first - med, 0.0), "tokens_per_call": n * a.new_tokens}
+
+
+def _hf_processors(model, gen_kwargs) -> list[str]:
+    """Names of the logits processors `generate` really builds (wraps its private builder)."""
+    orig = getattr(model, "_get_logits_processor", None)
+    if orig is None:
+        return ["<unknown: no _get_logits_processor>"]
+    seen: list[str] = []
+
+    def spy(*args, **kw):
+        procs = orig(*args, **kw)
+        seen[:] = [type(p).__name__ for p in procs]
+        return procs
+
+    model._get_logits_processor = spy
+    try:
+        import torch
+
+        with torch.inference_mode():
+            model.generate(**gen_kwargs)
+    finally:
+        del model._get_logits_processor
+    return seen
+
+
+def bench_hf(model_dir: str, prompts: np.ndarray, a) -> dict:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    input_ids = torch.as_tensor(prompts, dtype=torch.long)
+    sample = a.temperature > 0
+    gen = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+               do_sample=sample, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+               num_return_sequences=a.group, use_cache=True, pad_token_id=0, eos_token_id=None)
+    if sample:
+        # explicit values: an unset top_k would let generation_config's default (50) apply
+        gen |= dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    processors = _hf_processors(model, gen)  # also the first warm-up call
+    expected = set()
+    if sample and a.temperature != 1.0:
+        expected.add("TemperatureLogitsWarper")
+    if sample and a.top_k > 0:
+        expected.add("TopKLogitsWarper")
+    if sample and a.top_p < 1.0:
+        expected.add("TopPLogitsWarper")
+    if set(processors) != expected:
+        print(f"[warn] transformers built logits processors {processors}, expected "
+              f"{sorted(expected)}: the comparison is not like for like", file=sys.stderr)
+
+    def call(i):
+        torch.manual_seed(a.seed + i)
+        with torch.inference_mode():
+            return model.generate(**gen)
+
+    out = call(10_000)  # second warm-up
+    n = a.prompts * a.group
+    if tuple(out.shape) != (n, a.prompt_len + a.new_tokens):
+        raise SystemExit(f"transformers returned shape {tuple(out.shape)}, expected "
+                         f"{(n, a.prompt_len + a.new_tokens)}")
+    med, times = _median_time(call, a.repeats)
+    return {"s_per_call": med, "times": times, "processors": processors,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    info = machine_info()
+    cfg, params = hf_io.load(a.model_dir, param_dtype=a.param_dtype)
+    params = jax.device_put(params)
+    print(f"[bench] {a.model_dir}: {cfg.arch}, {cfg.num_params:,} params, {cfg.param_dtype} "
+          f"weights / {cfg.compute_dtype} matmuls; jax {info['jax']} on {info['backend']} "
+          f"({info['device_kind']}), {info['cpus_available']} CPUs ({info['cpu_model']})")
+    if a.prompt_len < 1 or a.new_tokens < 1 or a.prompts < 1 or a.group < 1 or a.repeats < 1:
+        raise SystemExit("--prompts, --group, --prompt-len, --new-tokens, --repeats must be >= 1")
+    rng = np.random.default_rng(a.seed)
+    prompts = rng.integers(4, cfg.vocab_size, size=(a.prompts, a.prompt_len), dtype=np.int64)
+    b, g, p, t = a.prompts, a.group, a.prompt_len, a.new_tokens
+    print(f"[bench] B={b} prompts x G={g} = N={b * g} rows, P={p} prompt tokens, T={t} new "
+          f"tokens, temperature={a.temperature} top_k={a.top_k} top_p={a.top_p}, "
+          f"median of {a.repeats}")
+
+    peak = matmul_peak(a.peak_n, a.peak_repeats)
+    print(f"[bench] float32 matmul {a.peak_n}x{a.peak_n}: {peak / 1e9:.1f} GFLOP/s "
+          f"(median of {a.peak_repeats})")
+
+    r = bench_jax(cfg, params, prompts, a)
+    fl = flops_per_call(cfg, b, g, p, t)
+    tps = r["tokens_per_call"] / r["s_per_call"]
+    achieved = fl["model"] / r["s_per_call"]
+    print(f"[jax]   first call {r['first_call_s']:.2f}s (compile ~{r['compile_s']:.2f}s); "
+          f"{r['s_per_call'] * 1e3:.1f} ms/call = {tps:,.0f} generated tokens/s; "
+          f"{r['s_per_call'] / t * 1e3:.2f} ms per decode step (all rows)")
+    print(f"[jax]   model FLOPs/call {fl['model'] / 1e9:.3f} G (executed {fl['executed'] / 1e9:.3f} G) "
+          f"-> {achieved / 1e9:.2f} GFLOP/s = {achieved / peak:.1%} of the matmul peak")
+
+    result = {
+        "bench": "sampler", "model_dir": str(a.model_dir), "arch": cfg.arch,
+        "params": cfg.num_params, "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
+        "prompts": b, "group": g, "rows": b * g, "prompt_len": p, "new_tokens": t,
+        "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "repeats": a.repeats,
+        "tokens_per_call": r["tokens_per_call"], "tokens_per_s": tps, "s_per_call": r["s_per_call"],
+        "s_per_call_all": r["times"], "first_call_s": r["first_call_s"], "compile_s": r["compile_s"],
+        "model_flops_per_call": fl["model"], "executed_flops_per_call": fl["executed"],
+        "achieved_flops": achieved, "matmul_peak_flops": peak, "matmul_peak_n": a.peak_n,
+        "ratio_of_peak": achieved / peak, **info,
+    }
+    if a.compare_hf:
+        h = bench_hf(a.model_dir, prompts, a)
+        hf_tps = r["tokens_per_call"] / h["s_per_call"]
+        print(f"[hf]    transformers {h['transformers']} / torch {h['torch']} "
+              f"({h['torch_threads']} threads, attn {h['attn_implementation']}), logits processors "
+              f"{h['processors']}: {h['s_per_call'] * 1e3:.1f} ms/call = {hf_tps:,.0f} "
+              f"generated tokens/s")
+        print(f"[bench] speedup vs transformers: {tps / hf_tps:.2f}x")
+        result |= {"hf_tokens_per_s": hf_tps, "hf_s_per_call": h["s_per_call"],
+                   "hf_s_per_call_all": h["times"], "speedup_vs_hf": tps / hf_tps,
+                   "hf_ratio_of_peak": fl["model"] / h["s_per_call"] / peak,
+                   "hf_logits_processors": h["processors"], "torch": h["torch"],
+                   "transformers": h["transformers"], "torch_threads": h["torch_threads"],
+                   "hf_attn_implementation": h["attn_implementation"]}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
