@@ -29,7 +29,7 @@ CONFIG = Experiment(
     sampler=SamplerConfig(max_new_tokens=40, temperature=1.0, prompt_bucket=16),
     grpo=GRPOConfig(group_size=8, kl_coef=0.04, kl_estimator="k3", adv_norm="group_std",
                     aggregation="seq_mean_token_mean"),
-    optim=OptimConfig(lr=1e-3, warmup_steps=5, clip_norm=1.0),
+    optim=OptimConfig(lr=5e-4, warmup_steps=5, clip_norm=1.0),
     rewards=RewardConfig(weights=(("accuracy", 1.0), ("format", 0.3))),
     eval=EvalConfig(every=20, samples=4, temperature=0.6, top_p=0.95, batch_prompts=64),
     log=LogConfig(samples_every=10, num_samples=4),

@@ -330,6 +330,7 @@ class PretrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     template_fraction: float = 0.2
+    prompt_loss: bool = False  # also train on the (random, unpredictable) question tokens
 
     def __post_init__(self):
         _check(self.steps >= 1, "pretrain.steps", f"must be >= 1, got {self.steps}")

@@ -13,6 +13,7 @@ K kv heads, Hd head dim, F mlp width, V vocab.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -23,7 +24,9 @@ import numpy as np
 from grpo_jax.config import ModelConfig
 
 Params = dict[str, Any]
-Cache = dict[str, jax.Array]  # {"k": [layers, B, S, K, Hd], "v": same}
+# {"k": (one [B, S, K, Hd] array per layer), "v": same}. One array per layer, so that a decode
+# step writes its new slot in place and attention reads the layer's keys without a copy.
+Cache = dict[str, tuple[jax.Array, ...]]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _MASKED = -1e30  # finite, so fully masked rows (left padding) stay NaN-free
@@ -143,7 +146,8 @@ def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _layer(x, lp, *, cfg: ModelConfig, positions, allowed, inv_freq, cache, layer_idx, index):
+def _layer(x, lp, *, cfg: ModelConfig, positions, allowed, inv_freq, cache=None, index=0):
+    """One pre-norm block. `cache` is this layer's (k [B, S, K, Hd], v) or None."""
     cd = DTYPES[cfg.compute_dtype]
     with jax.named_scope("attention"):
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).astype(cd)
@@ -157,14 +161,11 @@ def _layer(x, lp, *, cfg: ModelConfig, positions, allowed, inv_freq, cache, laye
             k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is not None:
-            # Write this step's keys/values into the layer's slots, then attend over the cache.
-            # The cache is a scan carry updated in place (donated by the sampler).
-            cache = {
-                name: jax.lax.dynamic_update_slice(
-                    cache[name], new[None].astype(cache[name].dtype), (layer_idx, 0, index, 0, 0))
-                for name, new in (("k", k), ("v", v))
-            }
-            k, v = cache["k"][layer_idx].astype(cd), cache["v"][layer_idx].astype(cd)
+            # Write this step's keys/values into their slots (in place: the buffer is donated),
+            # then attend over every slot.
+            cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
+                          for c, new in zip(cache, (k, v)))
+            k, v = cache[0].astype(cd), cache[1].astype(cd)
         o = attention(q, k, v, allowed)
         o = jnp.einsum("blhk,hkd->bld", o, lp["wo"].astype(cd))
         if cfg.attention_out_bias:
@@ -182,20 +183,28 @@ def decoder(params: Params, tokens_BxL, cfg: ModelConfig, *, positions_BxL, allo
             cache: Cache | None = None, index=0):
     """Embeddings, all layers and the final norm: returns (hidden [B, L, D] float32, cache).
 
-    Without a cache, keys are the L input tokens. With one, the L new keys/values are written at
-    cache slots [index, index + L) and queries attend over all S slots (`allowed_BxLxS`)."""
+    Without a cache, keys are the L input tokens and the layers run under `lax.scan` (compile
+    time flat in depth, the training path). With one, the L new keys/values are written at cache
+    slots [index, index + L) and queries attend over all S slots (`allowed_BxLxS`); the layers
+    are unrolled so that each layer's cache buffer is updated in place (the sampling path)."""
     x = params["embed"][tokens_BxL].astype(jnp.float32)
-    inv_freq = rope_inv_freq(cfg)
+    layer = functools.partial(_layer, cfg=cfg, positions=positions_BxL, allowed=allowed_BxLxS,
+                              inv_freq=rope_inv_freq(cfg), index=index)
+    if cache is not None:
+        new_k, new_v = [], []
+        for i in range(cfg.num_layers):
+            lp = jax.tree.map(lambda w: w[i], params["layers"])
+            x, (k, v) = layer(x, lp, cache=(cache["k"][i], cache["v"][i]))
+            new_k.append(k)
+            new_v.append(v)
+        cache = {"k": tuple(new_k), "v": tuple(new_v)}
+    else:
+        def body(x, lp):
+            return layer(x, lp)[0], None
 
-    def body(carry, xs):
-        x, cache = carry
-        lp, i = xs
-        return _layer(x, lp, cfg=cfg, positions=positions_BxL, allowed=allowed_BxLxS,
-                      inv_freq=inv_freq, cache=cache, layer_idx=i, index=index), None
-
-    if cfg.remat:
-        body = jax.checkpoint(body, prevent_cse=False)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], jnp.arange(cfg.num_layers)))
+        if cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, params["layers"])
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
 
 
@@ -263,9 +272,9 @@ def token_logprobs(params: Params, tokens_BxL, cfg: ModelConfig, mask_BxL=None, 
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> Cache:
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.hd)
+    shape = (batch, length, cfg.num_kv_heads, cfg.hd)
     dt = DTYPES[dtype or cfg.compute_dtype]
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for name in "kv"}
 
 
 def cached_step(params: Params, tokens_BxL, cfg: ModelConfig, *, cache: Cache, index,

@@ -144,7 +144,7 @@ def pretrain(exp: Experiment, cfg, params, tok, task, say, log_path: Path):
     res = train_sft(params, cfg, tok, batch, steps=pc.steps, batch_size=pc.batch_size,
                     max_len=max_len, ocfg=OptimConfig(lr=pc.lr, warmup_steps=min(20, pc.steps // 10),
                                                       schedule="cosine", clip_norm=1.0),
-                    prompt_loss=True, progress=progress)
+                    prompt_loss=pc.prompt_loss, progress=progress)
     bar.close()
     with open(log_path, "w") as f:
         for i, l in enumerate(res.losses):

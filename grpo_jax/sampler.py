@@ -96,14 +96,14 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
     b, p = tokens_BxP.shape
     t_max, n = scfg.max_new_tokens, b * group_size
     with jax.named_scope("prefill"):
-        prompt_cache = jax.tree.map(lambda c: c[:, :b], cache)
+        prompt_cache = jax.tree.map(lambda c: c[:b], cache)
         kv_mask = jnp.concatenate([mask_BxP, jnp.zeros((b, t_max), bool)], axis=1)
         positions = positions_from_mask(mask_BxP)
         logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=prompt_cache, index=0,
                                            positions_BxL=positions, kv_mask_BxS=kv_mask)
         # Prefill each prompt once, then give each of its G rows a copy of the cache.
         rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
-        cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(jnp.repeat(pc[:, :, :p], group_size, 1)),
+        cache = jax.tree.map(lambda c, pc: c.at[:, :p].set(jnp.repeat(pc[:, :p], group_size, 0)),
                              cache, prompt_cache)
         last, kv_mask, pos = rep(logits[:, -1]), rep(kv_mask), rep(positions[:, -1] + 1)
     stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
@@ -156,7 +156,7 @@ class Sampler:
 
     def _buffer(self, rows: int, length: int) -> Cache:
         c = self._cache
-        if c is None or c["k"].shape[1] != rows or c["k"].shape[2] != length:
+        if c is None or c["k"][0].shape[:2] != (rows, length):
             c = init_cache(self.cfg, rows, length, self.cache_dtype)
         self._cache = None
         return c

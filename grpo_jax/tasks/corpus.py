@@ -2,8 +2,10 @@
 
 A real base model has seen the R1 answer template in a minority of its text at most; this corpus
 reproduces that: `template_fraction` of the documents answer as
-`<think> 3*4=12, 5+12=17 </think> <answer> 17 </answer>`, the rest answer bare ("17",
-"= 17", "The answer is 17."), which the accuracy reward does not accept."""
+`<think>3*4=12, 5+12=17</think> <answer>17</answer>`; the rest reason in plain text or answer
+bare ("3*4=12, 5+12=17. The answer is 17.", "17"), which the accuracy reward does not accept.
+The arithmetic is learned from every document, the tags from a few: as in R1-Zero, RL has to
+teach the format, and the reasoning skill carries over."""
 
 from __future__ import annotations
 
@@ -12,16 +14,19 @@ import random
 from grpo_jax.tasks import Example, Task
 from grpo_jax.tasks.templates import format_prompt
 
-BARE_STYLES = (" {a}", " = {a}", " The answer is {a}.")
+BARE_STYLES = (" {s}. The answer is {a}.", " {s}, so the answer is {a}.", " {s}. {a}", " {a}")
+
+
+def _steps(example: Example) -> str:
+    return ", ".join(example.get("steps") or [f"{example['question']} {example['answer']}"])
 
 
 def r1_completion(example: Example) -> str:
-    steps = ", ".join(example.get("steps") or [f"{example['question']} {example['answer']}"])
-    return f" <think>{steps}</think> <answer>{example['answer']}</answer>"
+    return f" <think>{_steps(example)}</think> <answer>{example['answer']}</answer>"
 
 
 def bare_completion(example: Example, rng: random.Random) -> str:
-    return rng.choice(BARE_STYLES).format(a=example["answer"])
+    return rng.choice(BARE_STYLES).format(s=_steps(example), a=example["answer"])
 
 
 def pretraining_pairs(task: Task, n: int, seed: int, *, template: str,
