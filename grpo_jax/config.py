@@ -360,11 +360,11 @@ class Experiment:
     def __post_init__(self):
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
         _check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
-        n, mb = self.completions_per_step, self.grpo.minibatches * self.optim.micro_batches
-        _check(n % mb == 0, "grpo.minibatches",
-               f"prompts_per_step * group_size = {self.prompts_per_step} * {self.grpo.group_size} "
-               f"= {n} completions must split evenly into grpo.minibatches ({self.grpo.minibatches})"
-               f" x optim.micro_batches ({self.optim.micro_batches}) = {mb} parts")
+        mb = self.grpo.minibatches * self.optim.micro_batches
+        _check(self.prompts_per_step % mb == 0, "grpo.minibatches",
+               f"prompts_per_step = {self.prompts_per_step} must split evenly into grpo.minibatches "
+               f"({self.grpo.minibatches}) x optim.micro_batches ({self.optim.micro_batches}) = "
+               f"{mb} parts (minibatches hold whole groups)")
         _check(self.pretrain is None or self.model.init is not None, "pretrain",
                "pretraining from scratch needs model.init (a fresh model), not model.path")
 

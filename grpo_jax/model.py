@@ -24,8 +24,9 @@ import numpy as np
 from grpo_jax.config import ModelConfig
 
 Params = dict[str, Any]
-# {"k": (one [B, S, K, Hd] array per layer), "v": same}. One array per layer, so that a decode
-# step writes its new slot in place and attention reads the layer's keys without a copy.
+# {"k": (one [B, K, S, Hd] array per layer), "v": same}. One array per layer, so that a decode
+# step writes its new slot in place; heads before slots, so that attention reads the layer's keys
+# in the layout its dot products want, without a transposed copy of the whole cache per step.
 Cache = dict[str, tuple[jax.Array, ...]]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -128,17 +129,25 @@ def apply_rope(x_BxLxNxHd: jax.Array, positions_BxL: jax.Array, inv_freq: np.nda
     return out.astype(x_BxLxNxHd.dtype)
 
 
-def attention(q_BxLxHxHd, k_BxSxKxHd, v_BxSxKxHd, allowed_BxLxS) -> jax.Array:
-    """Grouped-query attention with a boolean mask; float32 scores and softmax."""
+def attention(q_BxLxHxHd, k_BxKxSxHd, v_BxKxSxHd, allowed_BxLxS) -> jax.Array:
+    """Grouped-query attention with a boolean mask; float32 scores and softmax. Keys and values
+    are head-major ([B, K, S, Hd], the cache layout). The G = H / K query heads of a kv head and
+    the L positions form one matrix, so each score and output product is a single batched
+    matmul over (B, K) in the operands' own layout."""
     b, l, h, hd = q_BxLxHxHd.shape
-    kv = k_BxSxKxHd.shape[2]
-    q = q_BxLxHxHd.reshape(b, l, kv, h // kv, hd)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxHd,
+    kv, s = k_BxKxSxHd.shape[1], k_BxKxSxHd.shape[2]
+    g = h // kv
+    q = q_BxLxHxHd.reshape(b, l, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * l, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_BxKxSxHd,
                         preferred_element_type=jnp.float32) / math.sqrt(hd)
-    scores = jnp.where(allowed_BxLxS[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxHd.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxHd)
-    return out.reshape(b, l, h, hd)
+    scores = jnp.where(allowed_BxLxS[:, None, None], scores.reshape(b, kv, g, l, s), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxHd.dtype).reshape(b, kv, g * l, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v_BxKxSxHd).reshape(b, kv, g, l, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, hd)
+
+
+def _heads_first(x_BxLxKxHd: jax.Array) -> jax.Array:
+    return x_BxLxKxHd.transpose(0, 2, 1, 3)
 
 
 def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:
@@ -146,37 +155,48 @@ def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _layer(x, lp, *, cfg: ModelConfig, positions, allowed, inv_freq, cache=None, index=0):
-    """One pre-norm block. `cache` is this layer's (k [B, S, K, Hd], v) or None."""
+def _qkv(x, lp, cfg: ModelConfig, positions, inv_freq):
+    """Queries [B, L, H, Hd] and head-major keys/values [B, K, L, Hd], RoPE applied."""
     cd = DTYPES[cfg.compute_dtype]
-    with jax.named_scope("attention"):
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).astype(cd)
-        q = jnp.einsum("bld,dhk->blhk", h, lp["wq"].astype(cd))
-        k = jnp.einsum("bld,dhk->blhk", h, lp["wk"].astype(cd))
-        v = jnp.einsum("bld,dhk->blhk", h, lp["wv"].astype(cd))
-        if cfg.attention_bias:
-            q, k, v = q + lp["bq"].astype(cd), k + lp["bk"].astype(cd), v + lp["bv"].astype(cd)
-        if cfg.qk_norm:
-            q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if cache is not None:
-            # Write this step's keys/values into their slots (in place: the buffer is donated),
-            # then attend over every slot.
-            cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
-                          for c, new in zip(cache, (k, v)))
-            k, v = cache[0].astype(cd), cache[1].astype(cd)
-        o = attention(q, k, v, allowed)
-        o = jnp.einsum("blhk,hkd->bld", o, lp["wo"].astype(cd))
-        if cfg.attention_out_bias:
-            o = o + lp["bo"].astype(cd)
-        x = x + o.astype(x.dtype)
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).astype(cd)
+    q = jnp.einsum("bld,dhk->blhk", h, lp["wq"].astype(cd))
+    k = jnp.einsum("bld,dhk->blhk", h, lp["wk"].astype(cd))
+    v = jnp.einsum("bld,dhk->blhk", h, lp["wv"].astype(cd))
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"].astype(cd), k + lp["bk"].astype(cd), v + lp["bv"].astype(cd)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    k = apply_rope(k, positions, inv_freq)
+    return apply_rope(q, positions, inv_freq), _heads_first(k), _heads_first(v)
+
+
+def _attn_out_mlp(x, o_BxLxHxHd, lp, cfg: ModelConfig):
+    """Output projection + residual, then the SwiGLU MLP + residual."""
+    cd = DTYPES[cfg.compute_dtype]
+    o = jnp.einsum("blhk,hkd->bld", o_BxLxHxHd, lp["wo"].astype(cd))
+    if cfg.attention_out_bias:
+        o = o + lp["bo"].astype(cd)
+    x = x + o.astype(x.dtype)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).astype(cd)
         gate = jax.nn.silu(jnp.einsum("bld,df->blf", h, lp["w_gate"].astype(cd)))
         up = jnp.einsum("bld,df->blf", h, lp["w_up"].astype(cd))
-        x = x + jnp.einsum("blf,fd->bld", gate * up, lp["w_down"].astype(cd)).astype(x.dtype)
-    return x, cache
+        return x + jnp.einsum("blf,fd->bld", gate * up, lp["w_down"].astype(cd)).astype(x.dtype)
+
+
+def _layer(x, lp, *, cfg: ModelConfig, positions, allowed, inv_freq, cache=None, index=0):
+    """One pre-norm block. `cache` is this layer's (k [B, S, K, Hd], v) or None."""
+    with jax.named_scope("attention"):
+        q, k, v = _qkv(x, lp, cfg, positions, inv_freq)
+        if cache is not None:
+            # Write this step's keys/values into their slots (in place: the buffer is donated),
+            # then attend over every slot.
+            cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, index, 0))
+                          for c, new in zip(cache, (k, v)))
+            k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
+        o = attention(q, k, v, allowed)
+    return _attn_out_mlp(x, o, lp, cfg), cache
 
 
 def decoder(params: Params, tokens_BxL, cfg: ModelConfig, *, positions_BxL, allowed_BxLxS,
@@ -192,8 +212,9 @@ def decoder(params: Params, tokens_BxL, cfg: ModelConfig, *, positions_BxL, allo
                               inv_freq=rope_inv_freq(cfg), index=index)
     if cache is not None:
         new_k, new_v = [], []
+        layers = params["layers"]
         for i in range(cfg.num_layers):
-            lp = jax.tree.map(lambda w: w[i], params["layers"])
+            lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda w: w[i], layers)
             x, (k, v) = layer(x, lp, cache=(cache["k"][i], cache["v"][i]))
             new_k.append(k)
             new_v.append(v)
@@ -243,19 +264,17 @@ def forward(params: Params, tokens, cfg: ModelConfig, mask=None, positions=None)
     return unembed(params, hidden(params, tokens, cfg, mask, positions), cfg)
 
 
-def token_logprobs(params: Params, tokens_BxL, cfg: ModelConfig, mask_BxL=None, positions_BxL=None,
-                   *, return_entropy: bool = False):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) as [B, L-1] float32 (and the entropies, optional).
+def logprobs_from_hidden(params: Params, h_BxTxD, targets_BxT, cfg: ModelConfig, *,
+                         return_entropy: bool = False):
+    """log p(targets) [B, T] float32 from final hidden states (and entropies, optional).
 
     Logits are produced `cfg.logits_chunk` positions at a time under `jax.checkpoint`, so at most
     [B, chunk, V] float32 logits are alive, in the forward and in the backward pass."""
-    h = hidden(params, tokens_BxL, cfg, mask_BxL, positions_BxL)[:, :-1]
-    targets = jnp.asarray(tokens_BxL, jnp.int32)[:, 1:]
-    b, t, d = h.shape
+    b, t, d = h_BxTxD.shape
     c = min(cfg.logits_chunk, t)
     pad = (-t) % c
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).swapaxes(0, 1)
-    tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, c).swapaxes(0, 1)
+    h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).swapaxes(0, 1)
+    tg = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(b, -1, c).swapaxes(0, 1)
 
     @jax.checkpoint
     def chunk(args):
@@ -271,8 +290,70 @@ def token_logprobs(params: Params, tokens_BxL, cfg: ModelConfig, mask_BxL=None, 
     return (logps, ents) if return_entropy else logps
 
 
+def token_logprobs(params: Params, tokens_BxL, cfg: ModelConfig, mask_BxL=None, positions_BxL=None,
+                   *, return_entropy: bool = False):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) as [B, L-1] float32 (and the entropies, optional)."""
+    h = hidden(params, tokens_BxL, cfg, mask_BxL, positions_BxL)[:, :-1]
+    targets = jnp.asarray(tokens_BxL, jnp.int32)[:, 1:]
+    return logprobs_from_hidden(params, h, targets, cfg, return_entropy=return_entropy)
+
+
+def grouped_logprobs(params: Params, prompt_BxP, prompt_mask_BxP, comp_NxT, comp_mask_NxT,
+                     cfg: ModelConfig, *, group_size: int, return_entropy: bool = False):
+    """log p(comp[n, t] | prompt[n // G], comp[n, :t]) as [N, T] (and entropies, optional).
+
+    Rows n*G .. n*G+G-1 share prompt n, as the sampler lays them out. Each prompt goes through the
+    layers once and its keys/values are shared by its G completions, which saves (G-1)/G of the
+    prompt's work in the forward and the backward pass against `token_logprobs` on the
+    concatenated [N, P+T] rows (same values). Prompts are left-padded."""
+    g = group_size
+    prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
+    comp_NxT = jnp.asarray(comp_NxT, jnp.int32)
+    pmask = jnp.asarray(prompt_mask_BxP).astype(bool)
+    cmask = jnp.asarray(comp_mask_NxT).astype(bool)
+    (b, p), (n, t) = prompt_BxP.shape, comp_NxT.shape
+    inv_freq = rope_inv_freq(cfg)
+    pos_p = positions_from_mask(pmask)
+    pos_c = jnp.repeat(pmask.sum(-1), g)[:, None] + jnp.arange(t)[None]
+    allowed_p = _causal_allowed(pmask)
+    allowed_c = jnp.concatenate(
+        [jnp.broadcast_to(jnp.repeat(pmask, g, 0)[:, None, :], (n, t, p)), _causal_allowed(cmask)],
+        axis=-1)  # [N, T, P + T]: the own prompt, then the completion causally
+
+    def body(carry, lp):
+        xp, xc = carry
+        with jax.named_scope("attention"):
+            qp, kp, vp = _qkv(xp, lp, cfg, pos_p, inv_freq)
+            op = attention(qp, kp, vp, allowed_p)
+            qc, kc, vc = _qkv(xc, lp, cfg, pos_c, inv_freq)
+            k = jnp.concatenate([jnp.repeat(kp, g, 0), kc], axis=2)
+            v = jnp.concatenate([jnp.repeat(vp, g, 0), vc], axis=2)
+            oc = attention(qc, k, v, allowed_c)
+        return (_attn_out_mlp(xp, op, lp, cfg), _attn_out_mlp(xc, oc, lp, cfg)), None
+
+    if cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x0 = (params["embed"][prompt_BxP].astype(jnp.float32),
+          params["embed"][comp_NxT].astype(jnp.float32))
+    (xp, xc), _ = jax.lax.scan(body, x0, params["layers"])
+    # The prompt's last position predicts completion token 0; completion position t predicts t+1.
+    h_last = rms_norm(xp[:, -1:], params["final_norm"], cfg.rms_norm_eps)
+    h = jnp.concatenate([jnp.repeat(h_last, g, 0),
+                         rms_norm(xc[:, :-1], params["final_norm"], cfg.rms_norm_eps)], axis=1)
+    return logprobs_from_hidden(params, h, comp_NxT, cfg, return_entropy=return_entropy)
+
+
+def split_layers(params: Params) -> Params:
+    """The same weights with "layers" as a tuple of per-layer dicts (the cached path takes both
+    forms). The sampler passes them so into its program: slices of the stacked arrays inside
+    the decode loop are copies, made again at every step (measured: 16% of a decode step)."""
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda w: w[i], params["layers"])
+                                      for i in range(n))}
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> Cache:
-    shape = (batch, length, cfg.num_kv_heads, cfg.hd)
+    shape = (batch, cfg.num_kv_heads, length, cfg.hd)
     dt = DTYPES[dtype or cfg.compute_dtype]
     return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for name in "kv"}
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax.config import ModelConfig, SamplerConfig
-from grpo_jax.model import Cache, Params, cached_step, init_cache, positions_from_mask
+from grpo_jax.model import Cache, Params, cached_step, init_cache, positions_from_mask, split_layers
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -65,15 +65,33 @@ def filter_logits(logits_NxV: jax.Array, scfg: SamplerConfig) -> jax.Array:
         kth = jax.lax.top_k(x, scfg.top_k)[0][:, -1:]
         x = jnp.where(x < kth, -jnp.inf, x)
     if scfg.top_p < 1.0:
-        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass of the
-        # tokens above it is still below top_p. The first token always stays.
-        kept = jnp.where(mass_before < scfg.top_p, sorted_x, jnp.inf)
-        threshold = jnp.min(kept, axis=-1, keepdims=True)
-        x = jnp.where(x < threshold, -jnp.inf, x)
+        x = jnp.where(x < _top_p_threshold(x, scfg.top_p), -jnp.inf, x)
     return x
+
+
+_TOP_P_CANDIDATES = 1024
+
+
+def _nucleus_threshold(sorted_x, lse, top_p):
+    """The smallest logit of the nucleus, from logits sorted in descending order: a token stays
+    if the mass of the tokens above it is still below top_p (the first always stays)."""
+    probs = jnp.exp(sorted_x - lse)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    return jnp.min(jnp.where(mass_before < top_p, sorted_x, jnp.inf), axis=-1, keepdims=True)
+
+
+def _top_p_threshold(x_NxV, top_p):
+    """Exact nucleus threshold. A full sort of a 150k vocabulary costs seconds on a CPU, so the
+    nucleus is first looked for among the top 1024 logits (`lax.top_k`); only when their mass
+    falls short of top_p for some row is the whole vocabulary sorted."""
+    lse = jax.nn.logsumexp(x_NxV, axis=-1, keepdims=True)
+    k = min(_TOP_P_CANDIDATES, x_NxV.shape[-1])
+    top = jax.lax.top_k(x_NxV, k)[0]
+    if k == x_NxV.shape[-1]:
+        return _nucleus_threshold(top, lse, top_p)
+    enough = jnp.all(jnp.sum(jnp.exp(top - lse), axis=-1) >= top_p)
+    return jax.lax.cond(enough, lambda: _nucleus_threshold(top, lse, top_p),
+                        lambda: _nucleus_threshold(jnp.sort(x_NxV, axis=-1)[:, ::-1], lse, top_p))
 
 
 def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig):
@@ -103,7 +121,7 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
                                            positions_BxL=positions, kv_mask_BxS=kv_mask)
         # Prefill each prompt once, then give each of its G rows a copy of the cache.
         rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
-        cache = jax.tree.map(lambda c, pc: c.at[:, :p].set(jnp.repeat(pc[:, :p], group_size, 0)),
+        cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(jnp.repeat(pc[:, :, :p], group_size, 0)),
                              cache, prompt_cache)
         last, kv_mask, pos = rep(logits[:, -1]), rep(kv_mask), rep(positions[:, -1] + 1)
     stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
@@ -139,6 +157,9 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
     return out, s["cache"]
 
 
+_split = jax.jit(split_layers)
+
+
 class Sampler:
     """Holds the compiled decode program and the donated KV-cache buffer for one model config.
 
@@ -156,7 +177,7 @@ class Sampler:
 
     def _buffer(self, rows: int, length: int) -> Cache:
         c = self._cache
-        if c is None or c["k"][0].shape[:2] != (rows, length):
+        if c is None or c["k"][0].shape[0] != rows or c["k"][0].shape[2] != length:
             c = init_cache(self.cfg, rows, length, self.cache_dtype)
         self._cache = None
         return c
@@ -170,7 +191,9 @@ class Sampler:
         tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(mask_BxP, bool)
         b, p = tokens_BxP.shape
         cache = self._buffer(b * group_size, p + self.scfg.max_new_tokens)
-        out, self._cache = self._fn(params, cache, tokens_BxP, mask_BxP, key, cfg=self.cfg,
+        # Per-layer weights as separate arguments: sliced inside the program, XLA would copy every
+        # layer's weights at every decode step.
+        out, self._cache = self._fn(_split(params), cache, tokens_BxP, mask_BxP, key, cfg=self.cfg,
                                     scfg=self.scfg, group_size=group_size, pad_id=self.pad_id)
         return out
 

@@ -98,20 +98,29 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ jitted programs
 
-    def _score_fn(self, params, tokens_NxL, attn_NxL):
-        """Completion log-probs [N, T] under `params` (no gradient is ever taken of this)."""
-        t = self.scfg.max_new_tokens
-        logps = model.token_logprobs(params, tokens_NxL, self.cfg, attn_NxL)
-        return logps[:, -t:]
+    def _logprobs(self, params, batch, return_entropy=False):
+        """Completion log-probs [b*G, T] of a group-major batch: each prompt runs once for its G
+        completions (`model.grouped_logprobs`)."""
+        flat = lambda x: x.reshape(-1, *x.shape[2:])
+        return model.grouped_logprobs(params, batch["prompt"], batch["prompt_mask"],
+                                      flat(batch["comp"]), flat(batch["gen_mask"]), self.cfg,
+                                      group_size=self.exp.grpo.group_size,
+                                      return_entropy=return_entropy)
+
+    def _score_fn(self, params, batch):
+        """Completion log-probs [B, G, T] under `params` (no gradient is ever taken of this)."""
+        return self._logprobs(params, batch).reshape(batch["comp"].shape)
 
     def init_state(self, params) -> TrainState:
         return TrainState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0))
 
     def _loss_fn(self, params, mb, weight):
+        """The GRPO loss of a group-major minibatch (arrays [b, G, ...], prompts [b, P])."""
         g, t = self.exp.grpo, self.scfg.max_new_tokens
-        logps, ent = model.token_logprobs(params, mb["tokens"], self.cfg, mb["attn"],
-                                          return_entropy=True)
-        logps, ent = logps[:, -t:], ent[:, -t:]
+        logps, ent = self._logprobs(params, mb, return_entropy=True)
+        rows = {k: v.reshape(-1, *v.shape[2:]) for k, v in mb.items()
+                if k not in ("prompt", "prompt_mask")}
+        mb = rows
         old = mb["old_logps"] if self.reuse_rollout else jax.lax.stop_gradient(logps)
         loss, metrics = L.grpo_loss(
             logps, old, mb.get("ref_logps"), mb["adv"], mb["loss_mask"], eps_low=g.eps_low,
@@ -132,7 +141,7 @@ class GRPOTrainer:
         if self.exp.grpo.aggregation == "token_mean":
             # DAPO normalizes by the tokens of the whole minibatch: weight each micro-batch by
             # its share, so that accumulation gives exactly the one-batch gradient.
-            tok = micro["loss_mask"].sum(axis=(1, 2)).astype(jnp.float32)
+            tok = micro["loss_mask"].reshape(k, -1).sum(1).astype(jnp.float32)
             weights = tok / jnp.maximum(tok.sum(), 1.0)
         else:
             weights = jnp.full((k,), 1.0 / k)
@@ -154,6 +163,8 @@ class GRPOTrainer:
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     def _update_fn(self, state: TrainState, batch, key):
+        """mu epochs over the rollout, each split into minibatches of whole groups (so that each
+        prompt runs once per minibatch); every array of `batch` leads with the group axis B."""
         g = self.exp.grpo
         n = batch["adv"].shape[0]
 
@@ -205,16 +216,16 @@ class GRPOTrainer:
         if g.mask_truncated:
             loss_mask = loss_mask & ~out.truncated[rows][:, None]
 
-        p_rows = rows // g.group_size
-        tokens = np.concatenate([p_tok[p_rows], out.tokens[rows]], axis=1)
-        attn = np.concatenate([p_mask[p_rows], gen_mask], axis=1)
-        batch = dict(tokens=tokens, attn=attn, gen_mask=gen_mask, loss_mask=loss_mask,
-                     adv=adv.astype(np.float32), sampler_logps=out.logps[rows])
+        # Group-major arrays: [B, G, ...] per completion, [B, P] per prompt.
+        grp = lambda x: x.reshape(b, g.group_size, *x.shape[1:])
+        batch = dict(prompt=p_tok[idx], prompt_mask=p_mask[idx], comp=grp(out.tokens[rows]),
+                     gen_mask=grp(gen_mask), loss_mask=grp(loss_mask),
+                     adv=grp(adv.astype(np.float32)), sampler_logps=grp(out.logps[rows]))
         with jax.named_scope("score"):
             if g.uses_reference:
-                batch["ref_logps"] = self._score(ref_params, tokens, attn)
+                batch["ref_logps"] = self._score(ref_params, batch)
             if self.reuse_rollout:
-                batch["old_logps"] = self._score(state.params, tokens, attn)
+                batch["old_logps"] = self._score(state.params, batch)
         t1 = time.perf_counter()
         lr = float(self.lr(int(state.step)))
         state, dev_metrics = self._update(state, batch, jax.random.fold_in(self.keys["update"], step))

@@ -7,11 +7,17 @@ optionally, against `transformers` `generate` on the same weights.
 
 Every prompt has exactly --prompt-len random tokens (ids 4 .. vocab-1, seeded, no padding) and
 there are no stop ids, so each of the N = prompts * group rows generates exactly --new-tokens
-tokens. One call is compiled and run (its time minus the steady-state time is `compile_s`),
-one more call warms up, then --repeats calls are timed, each with its own key
-(`jax.random.fold_in`) and `jax.block_until_ready`; the median is reported. With --compare-hf
-the same directory is loaded by `transformers.AutoModelForCausalLM` (float32, eval, inference
-mode) and `generate` is timed the same way with the same sampling settings.
+tokens. One call is compiled and run (its time minus the steady-state time is `compile_s`) and
+one more warms up; with --compare-hf the same directory is also loaded by
+`transformers.AutoModelForCausalLM` (float32, eval, inference mode) and `generate` warmed up
+twice with the same sampling settings. Then --repeats rounds are timed, each round running one
+sampler call (its own key via `jax.random.fold_in`, `jax.block_until_ready`), one `generate`
+call and --peak-repeats float32 [n, n] matmuls, interleaved so that a load change on a shared
+machine hits every measurement alike, each preceded by --settle seconds (at least one call) of
+untimed calls of the same kind (torch's OpenMP workers spin after a call and slow the next JAX
+work down for 20-50 ms); medians are reported. Each framework uses the threads it
+uses by default. The load average and the cores each framework kept busy (process CPU time /
+wall time) are printed, to show when another job was competing.
 
 `model_flops_per_call` counts the work a sampler needs, not what an implementation executes:
 2 * (matmul weights) per token for the B prompts' P tokens (each prompt prefilled once) and the
@@ -53,11 +59,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
     ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timing rounds: one timed call of each framework per round (median)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--param-dtype", default=None, help="cast weights on load (default: checkpoint)")
+    ap.add_argument("--settle", type=float, default=0.1,
+                    help="seconds of untimed calls (at least one) before the timed ones of each "
+                         "framework in every round")
+    ap.add_argument("--param-dtype", default=None,
+                    help="cast our weights on load (float32, bfloat16); unset: the checkpoint's")
     ap.add_argument("--peak-n", type=int, default=1024, help="side of the float32 matmul for the peak")
-    ap.add_argument("--peak-repeats", type=int, default=7)
+    ap.add_argument("--peak-repeats", type=int, default=3, help="peak matmuls per timing round")
     ap.add_argument("--compare-hf", action="store_true",
                     help="also time transformers generate (torch, float32, CPU)")
     return ap.parse_args(argv)
@@ -92,24 +103,35 @@ def machine_info() -> dict:
             else os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version()}
 
 
-def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
-def matmul_peak(n: int, repeats: int) -> float:
-    """FLOP/s of a jitted float32 [n, n] @ [n, n] in this process (median of `repeats`)."""
+def setup_peak(n: int):
+    """A jitted float32 [n, n] @ [n, n], warmed up; returns call(i) (its FLOPs are 2 n^3)."""
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
     f = jax.jit(jnp.dot)
-    jax.block_until_ready(f(a, b))
-    jax.block_until_ready(f(a, b))
-    med, _ = _median_time(lambda i: jax.block_until_ready(f(a, b)), repeats)
-    return 2.0 * n ** 3 / med
+    for _ in range(2):
+        jax.block_until_ready(f(a, b))
+    return lambda i: jax.block_until_ready(f(a, b))
+
+
+def timed_rounds(calls: dict, per_round: dict, rounds: int, settle_s: float) -> dict:
+    """Time the calls interleaved, round after round (A B C A B C ...), so that a load change on a
+    shared machine hits all of them alike. After each switch to another framework, untimed calls
+    run first for at least `settle_s` seconds (and at least one call): the first JAX work after a
+    torch call runs ~2x slower for some 20-50 ms (torch's OpenMP workers still spin), and a
+    sleep instead makes the next call of either framework slow. Returns {name: (wall, cpu)}."""
+    out = {name: ([], []) for name in calls}
+    for i in range(rounds):
+        for name, fn in calls.items():
+            t_end, j = time.perf_counter() + settle_s, 0
+            while j == 0 or time.perf_counter() < t_end:
+                fn(i * 1000 + 500 + j)
+                j += 1
+            for j in range(per_round.get(name, 1)):
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn(i * 1000 + j)
+                out[name][0].append(time.perf_counter() - w0)
+                out[name][1].append(time.process_time() - c0)
+    return out
 
 
 # ----------------------------------------------------------------------------- flops
@@ -142,7 +164,8 @@ def flops_per_call(cfg: ModelConfig, b: int, g: int, p: int, t: int) -> dict:
 # ----------------------------------------------------------------------------- benchmarks
 
 
-def bench_jax(cfg, params, prompts: np.ndarray, a) -> dict:
+def setup_jax(cfg, params, prompts: np.ndarray, a):
+    """Compile and warm up the sampler; returns (call(i), info)."""
     scfg = SamplerConfig(max_new_tokens=a.new_tokens, temperature=a.temperature, top_k=a.top_k,
                          top_p=a.top_p, stop_ids=())
     sampler = Sampler(cfg, scfg, pad_id=0)
@@ -158,15 +181,13 @@ def bench_jax(cfg, params, prompts: np.ndarray, a) -> dict:
     out = call(10_000)  # compile + run
     first = time.perf_counter() - t0
     call(10_001)  # one more warm-up call
-    med, times = _median_time(call, a.repeats)
     lengths = np.asarray(out.lengths)
     n = a.prompts * a.group
     if not (lengths == a.new_tokens).all() or out.tokens.shape != (n, a.new_tokens):
         raise SystemExit(f"expected {n} rows of {a.new_tokens} tokens, got lengths {lengths}")
     if sampler.cache_size() != 1:
         raise SystemExit(f"the sampler recompiled: {sampler.cache_size()} compiled variants")
-    return {"s_per_call": med, "times": times, "first_call_s": first,
-            "compile_s": max(first - med, 0.0), "tokens_per_call": n * a.new_tokens}
+    return call, {"first_call_s": first, "tokens_per_call": n * a.new_tokens}
 
 
 def _hf_processors(model, gen_kwargs) -> list[str]:
@@ -192,7 +213,8 @@ def _hf_processors(model, gen_kwargs) -> list[str]:
     return seen
 
 
-def bench_hf(model_dir: str, prompts: np.ndarray, a) -> dict:
+def setup_hf(model_dir: str, prompts: np.ndarray, a):
+    """Load the model with transformers and warm `generate` up; returns (call(i), info)."""
     import torch
     import transformers
 
@@ -200,9 +222,14 @@ def bench_hf(model_dir: str, prompts: np.ndarray, a) -> dict:
     model.eval()
     input_ids = torch.as_tensor(prompts, dtype=torch.long)
     sample = a.temperature > 0
+    group = a.group
+    if not sample:
+        # greedy generate refuses num_return_sequences > 1: repeat the prompts instead (what
+        # generate does internally when sampling: rows b*G .. b*G+G-1 belong to prompt b)
+        input_ids, group = input_ids.repeat_interleave(a.group, dim=0), 1
     gen = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                do_sample=sample, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
-               num_return_sequences=a.group, use_cache=True, pad_token_id=0, eos_token_id=None)
+               num_return_sequences=group, use_cache=True, pad_token_id=0, eos_token_id=None)
     if sample:
         # explicit values: an unset top_k would let generation_config's default (50) apply
         gen |= dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
@@ -228,11 +255,9 @@ def bench_hf(model_dir: str, prompts: np.ndarray, a) -> dict:
     if tuple(out.shape) != (n, a.prompt_len + a.new_tokens):
         raise SystemExit(f"transformers returned shape {tuple(out.shape)}, expected "
                          f"{(n, a.prompt_len + a.new_tokens)}")
-    med, times = _median_time(call, a.repeats)
-    return {"s_per_call": med, "times": times, "processors": processors,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    return call, {"processors": processors, "torch": torch.__version__,
+                  "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+                  "attn_implementation": getattr(model.config, "_attn_implementation", None)}
 
 
 def main(argv=None) -> None:
@@ -252,17 +277,34 @@ def main(argv=None) -> None:
           f"tokens, temperature={a.temperature} top_k={a.top_k} top_p={a.top_p}, "
           f"median of {a.repeats}")
 
-    peak = matmul_peak(a.peak_n, a.peak_repeats)
-    print(f"[bench] float32 matmul {a.peak_n}x{a.peak_n}: {peak / 1e9:.1f} GFLOP/s "
-          f"(median of {a.peak_repeats})")
+    calls = {"peak": setup_peak(a.peak_n)}
+    jax_call, r = setup_jax(cfg, params, prompts, a)
+    calls["jax"] = jax_call
+    if a.compare_hf:
+        calls["hf"], h = setup_hf(a.model_dir, prompts, a)
+    load_before = os.getloadavg()[0]
+    times = timed_rounds(calls, {"peak": a.peak_repeats}, a.repeats, a.settle)
+    load_after = os.getloadavg()[0]
+    med = {k: statistics.median(w) for k, (w, _) in times.items()}
+    for k, (w, _) in times.items():
+        if max(w) > 1.5 * min(w):
+            print(f"[warn] {k}: timed calls range from {min(w) * 1e3:.1f} to {max(w) * 1e3:.1f} ms; "
+                  "another job is probably competing for the CPUs (torch suffers most)",
+                  file=sys.stderr)
+    util = {k: sum(c) / sum(w) for k, (w, c) in times.items()}
 
-    r = bench_jax(cfg, params, prompts, a)
+    peak = 2.0 * a.peak_n ** 3 / med["peak"]
+    print(f"[bench] float32 matmul {a.peak_n}x{a.peak_n}: {peak / 1e9:.1f} GFLOP/s "
+          f"(median of {len(times['peak'][0])})")
     fl = flops_per_call(cfg, b, g, p, t)
-    tps = r["tokens_per_call"] / r["s_per_call"]
-    achieved = fl["model"] / r["s_per_call"]
-    print(f"[jax]   first call {r['first_call_s']:.2f}s (compile ~{r['compile_s']:.2f}s); "
-          f"{r['s_per_call'] * 1e3:.1f} ms/call = {tps:,.0f} generated tokens/s; "
-          f"{r['s_per_call'] / t * 1e3:.2f} ms per decode step (all rows)")
+    s_call = med["jax"]
+    tps = r["tokens_per_call"] / s_call
+    achieved = fl["model"] / s_call
+    compile_s = max(r["first_call_s"] - s_call, 0.0)
+    print(f"[jax]   first call {r['first_call_s']:.2f}s (compile ~{compile_s:.2f}s); "
+          f"{s_call * 1e3:.1f} ms/call = {tps:,.0f} generated tokens/s; "
+          f"{s_call / t * 1e3:.2f} ms per decode step (all rows); "
+          f"process CPU use {util['jax']:.2f} cores")
     print(f"[jax]   model FLOPs/call {fl['model'] / 1e9:.3f} G (executed {fl['executed'] / 1e9:.3f} G) "
           f"-> {achieved / 1e9:.2f} GFLOP/s = {achieved / peak:.1%} of the matmul peak")
 
@@ -271,26 +313,31 @@ def main(argv=None) -> None:
         "params": cfg.num_params, "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
         "prompts": b, "group": g, "rows": b * g, "prompt_len": p, "new_tokens": t,
         "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "repeats": a.repeats,
-        "tokens_per_call": r["tokens_per_call"], "tokens_per_s": tps, "s_per_call": r["s_per_call"],
-        "s_per_call_all": r["times"], "first_call_s": r["first_call_s"], "compile_s": r["compile_s"],
+        "tokens_per_call": r["tokens_per_call"], "tokens_per_s": tps, "s_per_call": s_call,
+        "s_per_call_all": times["jax"][0], "first_call_s": r["first_call_s"], "compile_s": compile_s,
         "model_flops_per_call": fl["model"], "executed_flops_per_call": fl["executed"],
         "achieved_flops": achieved, "matmul_peak_flops": peak, "matmul_peak_n": a.peak_n,
-        "ratio_of_peak": achieved / peak, **info,
+        "ratio_of_peak": achieved / peak, "jax_cpu_cores_used": util["jax"],
+        "loadavg_1m_before": load_before, "loadavg_1m_after": load_after, **info,
     }
     if a.compare_hf:
-        h = bench_hf(a.model_dir, prompts, a)
-        hf_tps = r["tokens_per_call"] / h["s_per_call"]
+        hf_s = med["hf"]
+        hf_tps = r["tokens_per_call"] / hf_s
         print(f"[hf]    transformers {h['transformers']} / torch {h['torch']} "
               f"({h['torch_threads']} threads, attn {h['attn_implementation']}), logits processors "
-              f"{h['processors']}: {h['s_per_call'] * 1e3:.1f} ms/call = {hf_tps:,.0f} "
-              f"generated tokens/s")
+              f"{h['processors']}: {hf_s * 1e3:.1f} ms/call = {hf_tps:,.0f} generated tokens/s; "
+              f"process CPU use {util['hf']:.2f} cores")
         print(f"[bench] speedup vs transformers: {tps / hf_tps:.2f}x")
-        result |= {"hf_tokens_per_s": hf_tps, "hf_s_per_call": h["s_per_call"],
-                   "hf_s_per_call_all": h["times"], "speedup_vs_hf": tps / hf_tps,
-                   "hf_ratio_of_peak": fl["model"] / h["s_per_call"] / peak,
+        result |= {"hf_tokens_per_s": hf_tps, "hf_s_per_call": hf_s,
+                   "hf_s_per_call_all": times["hf"][0], "speedup_vs_hf": tps / hf_tps,
+                   "hf_ratio_of_peak": fl["model"] / hf_s / peak,
+                   "hf_cpu_cores_used": util["hf"],
                    "hf_logits_processors": h["processors"], "torch": h["torch"],
                    "transformers": h["transformers"], "torch_threads": h["torch_threads"],
                    "hf_attn_implementation": h["attn_implementation"]}
+    print(f"[bench] 1-minute load average {load_before:.2f} before, {load_after:.2f} after "
+          f"({info['cpus_available']} CPUs); above ~{info['cpus_available'] + 0.5:.1f} another job "
+          "was competing")
     print(json.dumps(result))
 
 

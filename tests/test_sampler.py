@@ -164,3 +164,18 @@ def test_missing_key_and_bad_settings_are_errors(params):
         SamplerConfig(top_p=0.0)
     with pytest.raises(ValueError, match="every prompt needs at least one token"):
         S.pad_prompts([[1], []], bucket=4)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_top_p_over_a_large_vocabulary_is_exact(flat):
+    """Past 1024 tokens the nucleus is searched among the top 1024 first; a flat distribution
+    whose nucleus is larger takes the full-sort branch. Both must keep exactly the nucleus."""
+    rng = np.random.default_rng(0)
+    v = 3000
+    logits = rng.normal(0, 0.05 if flat else 3.0, (2, v)).astype(np.float32)
+    scfg = SamplerConfig(temperature=1.0, top_p=0.9)
+    kept = np.isfinite(np.asarray(S.filter_logits(jnp.asarray(logits), scfg)))
+    for r in range(2):
+        want = _expected(logits[r], top_p=0.9) > 0
+        np.testing.assert_array_equal(kept[r], want)
+    assert (kept.sum(-1) > 1024).all() == flat

@@ -80,14 +80,15 @@ def test_micro_batch_accumulation_equals_one_batch(aggregation):
                    optim=OptimConfig(lr=1e-2, micro_batches=micro, clip_norm=0.0))
         tr, params = _trainer(exp)
         rng = np.random.default_rng(0)
-        n, p, t = 16, 8, exp.sampler.max_new_tokens
-        lens = rng.integers(1, t + 1, n)
-        gen = np.arange(t)[None] < lens[:, None]
-        batch = dict(tokens=rng.integers(4, 90, (n, p + t)).astype(np.int32),
-                     attn=np.concatenate([np.ones((n, p), bool), gen], 1), gen_mask=gen,
-                     loss_mask=gen, adv=rng.normal(size=n).astype(np.float32),
-                     sampler_logps=np.zeros((n, t), np.float32),
-                     ref_logps=rng.normal(-3, 0.3, (n, t)).astype(np.float32))
+        b, g, p, t = 4, 4, 8, exp.sampler.max_new_tokens
+        lens = rng.integers(1, t + 1, (b, g))
+        gen = np.arange(t)[None, None] < lens[..., None]
+        batch = dict(prompt=rng.integers(4, 90, (b, p)).astype(np.int32),
+                     prompt_mask=np.ones((b, p), bool),
+                     comp=rng.integers(4, 90, (b, g, t)).astype(np.int32), gen_mask=gen,
+                     loss_mask=gen, adv=rng.normal(size=(b, g)).astype(np.float32),
+                     sampler_logps=np.zeros((b, g, t), np.float32),
+                     ref_logps=rng.normal(-3, 0.3, (b, g, t)).astype(np.float32))
         state, metrics = tr._update(tr.init_state(params), batch, jax.random.key(0))
         results.append((state.params, float(metrics["loss"]), float(metrics["grad_norm"])))
     (p1, l1, g1), (p4, l4, g4) = results
@@ -128,8 +129,8 @@ def test_config_errors_name_field_and_range():
         GRPOConfig(group_size=1)
     with pytest.raises(ValueError, match=r"grpo.aggregation: got 'mean', allowed values are"):
         GRPOConfig(aggregation="mean")
-    with pytest.raises(ValueError, match=r"= 12 completions must split evenly into grpo.minibatches"):
-        _exp(prompts_per_step=3, grpo=GRPOConfig(group_size=4, minibatches=8))
+    with pytest.raises(ValueError, match=r"prompts_per_step = 3 must split evenly into grpo.minibatches"):
+        _exp(prompts_per_step=3, grpo=GRPOConfig(group_size=4, minibatches=2))
     with pytest.raises(ValueError, match="data.task_args: not a JSON object"):
         DataConfig(task_args="{digits: 1}")
 
