@@ -177,3 +177,21 @@ def test_cli_overrides_are_typed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tyro.cli(Experiment, default=base, args=["--steps", "five"],
                  config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands))
+
+
+def test_runs_are_deterministic_for_a_seed(tmp_path):
+    exp = load_experiment(ROOT / "experiments" / "tiny_r1_zero.py")
+    exp = dataclasses.replace(
+        exp, steps=2, prompts_per_step=4, pretrain=PretrainConfig(steps=3, batch_size=8),
+        data=dataclasses.replace(exp.data, eval_problems=8),
+        eval=dataclasses.replace(exp.eval, samples=2, batch_prompts=8),
+        log=dataclasses.replace(exp.log, progress=False, tensorboard=False))
+    timing = ("_s", "tokens_per_s", "wall_s", "run_dir")
+    results = []
+    for name in ("a", "b"):
+        summary = run(dataclasses.replace(exp, run_dir=str(tmp_path / name)), name=name)
+        rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rows = [{k: v for k, v in r.items() if not k.endswith(timing)} for r in rows]
+        results.append((rows, {k: v for k, v in summary.items() if not k.endswith(timing)}))
+    assert results[0] == results[1]
+    assert len(results[0][0]) == 2 and "kl" in results[0][0][0]
