@@ -195,3 +195,24 @@ def test_runs_are_deterministic_for_a_seed(tmp_path):
         results.append((rows, {k: v for k, v in summary.items() if not k.endswith(timing)}))
     assert results[0] == results[1]
     assert len(results[0][0]) == 2 and "kl" in results[0][0][0]
+
+
+@pytest.mark.parametrize("grpo", [
+    GRPOConfig(group_size=4, kl_coef=0.0, ratio_level="sequence", eps_low=3e-4, eps_high=4e-4),
+    GRPOConfig(group_size=4, kl_coef=0.01, kl_estimator="k1", adv_norm="none",
+               aggregation="seq_mean_token_sum_norm"),
+    GRPOConfig(group_size=4, kl_coef=0.0, adv_norm="rloo", aggregation="token_mean",
+               eps_high=0.28, mask_truncated=True, overlong_cache=4, zero_std="dynamic"),
+    GRPOConfig(group_size=4, kl_coef=0.04, kl_estimator="k2", adv_norm="batch_std",
+               zero_std="drop", ref_refresh_every=1),
+], ids=["gspo", "dr_grpo", "dapo", "batch_std_drop"])
+def test_every_variant_trains_a_step(grpo):
+    exp = _exp(grpo=grpo)
+    tr, params = _trainer(exp)
+    state = tr.init_state(jax.tree.map(jnp.array, params))
+    state, dev, host = tr.step(state, params if grpo.uses_reference else None, 0)
+    m = {k: float(v) for k, v in jax.device_get(dev).items()}
+    assert all(np.isfinite(v) for v in m.values()), m
+    assert m["grad_norm"] >= 0 and np.isfinite(host["reward"])
+    if grpo.overlong_cache:  # 12 new tokens, soft zone 4: long completions get a penalty
+        assert host["reward"] <= host.get("reward/accuracy", 0) + host.get("reward/format_partial", 0) + 1e-6
