@@ -212,7 +212,6 @@ def run(exp: Experiment, name: str = "run") -> dict:
     rows, pending = [], None
     bar = tqdm(total=exp.steps, desc="grpo", disable=not exp.log.progress)
     for step in range(exp.steps):
-        t0 = time.perf_counter()
         if exp.grpo.ref_refresh_every and step and step % exp.grpo.ref_refresh_every == 0:
             ref_params = jax.tree.map(jax.numpy.copy, state.params)
         state, dev_metrics, host = trainer.step(state, ref_params, step)
@@ -221,7 +220,7 @@ def run(exp: Experiment, name: str = "run") -> dict:
         if pending is not None:  # the previous step's metrics, fetched one step late
             rows.append(finish_metrics(*pending))
             log.metrics(rows[-1])
-        pending = (dev_metrics, host, t0)
+        pending = (dev_metrics, host)
         bar.update(1)
         bar.set_postfix(reward=f"{host['reward']:.3f}", acc=f"{host.get('accuracy', 0):.2f}",
                         fmt=f"{host.get('format_rate', 0):.2f}", len=f"{host['response_length']:.0f}")

@@ -93,8 +93,9 @@ class GRPOTrainer:
             get_reward(name)  # fail now, not at the first step, on a misspelled name
         self._score = jax.jit(self._score_fn)
         self._update = jax.jit(self._update_fn, donate_argnums=(0,))
-        self.keys = dict(zip(("data", "rollout", "update"),
-                             jax.random.split(jax.random.key(exp.seed), 3)))
+        # Named PRNG streams; a step's key is fold_in(stream, step), so resuming at a step
+        # reproduces its samples. The data stream is the task's own seed: seed * 1_000_003 + step.
+        self.keys = dict(zip(("rollout", "update"), jax.random.split(jax.random.key(exp.seed), 2)))
 
     # ------------------------------------------------------------------ jitted programs
 
@@ -226,9 +227,13 @@ class GRPOTrainer:
                 batch["ref_logps"] = self._score(ref_params, batch)
             if self.reuse_rollout:
                 batch["old_logps"] = self._score(state.params, batch)
-        t1 = time.perf_counter()
         lr = float(self.lr(int(state.step)))
+        t1 = time.perf_counter()
         state, dev_metrics = self._update(state, batch, jax.random.fold_in(self.keys["update"], step))
+        # Wait for the update (the next rollout needs its parameters anyway) so that the step's
+        # timings are its own; the metric values are still fetched later by the caller.
+        jax.block_until_ready(state.params)
+        t2 = time.perf_counter()
 
         lengths = out.lengths[rows]
         host = {
@@ -239,9 +244,9 @@ class GRPOTrainer:
             "response_length": float(lengths.mean()), "response_length_max": int(lengths.max()),
             "truncated_frac": float(out.truncated[rows].mean()),
             "zero_std_frac": float(np.asarray(L.zero_std_groups(rewards_BxG)).mean()),
-            "lr": lr, "rollout_s": t_roll,
+            "lr": lr, "rollout_s": t_roll, "update_s": t2 - t1, "step_s": t2 - t0,
             "rollout_tokens_per_s": float(out.lengths.sum()) / max(t_roll, 1e-9),
-            "_t_update_start": t1, "_tokens": float(gen_mask.sum()),
+            "train_tokens_per_s": float(gen_mask.sum()) / max(t2 - t1, 1e-9),
         }
         if "accuracy" in scored.per_reward:
             host["accuracy"] = float(scored.per_reward["accuracy"][rows].mean())
@@ -254,15 +259,10 @@ class GRPOTrainer:
         return state, dev_metrics, host
 
 
-def finish_metrics(dev_metrics: dict, host: dict, t_step_start: float) -> dict:
-    """Fetch the device metrics (after the next step was dispatched) and complete the line."""
+def finish_metrics(dev_metrics: dict, host: dict) -> dict:
+    """One metrics line: the host metrics and the device ones, fetched one step late."""
     m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
-    now = time.perf_counter()
-    train_s = now - host.pop("_t_update_start")
-    tokens = host.pop("_tokens")
-    host.pop("_samples", None)
-    return {**host, **m, "train_tokens_per_s": tokens / max(train_s, 1e-9),
-            "step_s": now - t_step_start}
+    return {**{k: v for k, v in host.items() if not k.startswith("_")}, **m}
 
 
 # ----------------------------------------------------------------------------- evaluation
