@@ -16,7 +16,10 @@ import ml_dtypes
 import numpy as np
 
 from grpo_jax.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
-from grpo_jax.model import DTYPES, Params, param_shapes
+
+# Only numpy here at import time: `load_tokenizer` serves jax-free processes too (the TRL
+# benchmark). The weight functions import the model module when called.
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
               "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -78,7 +81,7 @@ def config_from_hf(hf: dict, *, param_dtype: str | None = None,
         raise CheckpointError("sliding-window attention and MLP biases are not supported")
     theta, scaling = _rope(hf)
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-    dtype = dtype if dtype in DTYPES else "float32"
+    dtype = dtype if dtype in _NP_DTYPES else "float32"
     return ModelConfig(
         arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -221,7 +224,7 @@ def _hf_shape(cfg: ModelConfig, key: str, ours: tuple[int, ...]) -> tuple[int, .
 
 
 def load(path: str | os.PathLike, *, param_dtype: str | None = None,
-         compute_dtype: str | None = None) -> tuple[ModelConfig, Params]:
+         compute_dtype: str | None = None) -> tuple[ModelConfig, dict]:
     """(cfg, params) from a Hugging Face directory or hub id; tensors cast to `param_dtype`
     (default: the checkpoint's dtype). Params are host numpy arrays; `jax.device_put` them with
     the shardings you want."""
@@ -232,8 +235,10 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None,
     cfg = config_from_hf(json.loads((d / "config.json").read_text()), param_dtype=param_dtype,
                          compute_dtype=compute_dtype)
     tensors = _open_checkpoint(d)
+    from grpo_jax.model import param_shapes
+
     shapes = param_shapes(cfg)
-    dtype = np.dtype(DTYPES[cfg.param_dtype])
+    dtype = np.dtype(_NP_DTYPES[cfg.param_dtype])
     lmap = _layer_map(cfg)
 
     expected = {"model.embed_tokens.weight": shapes["embed"].shape,
@@ -269,13 +274,13 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None,
     return cfg, params
 
 
-def save(params: Params, cfg: ModelConfig, path: str | os.PathLike, *, tokenizer=None,
+def save(params: dict, cfg: ModelConfig, path: str | os.PathLike, *, tokenizer=None,
          max_shard_bytes: int = 4 << 30) -> Path:
     """Write a Hugging Face directory: config.json, safetensors (sharded with an index when larger
     than `max_shard_bytes`) and, if given, the tokenizer files."""
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    dtype = np.dtype(DTYPES[cfg.param_dtype])
+    dtype = np.dtype(_NP_DTYPES[cfg.param_dtype])
 
     def host(a):
         return np.asarray(a).astype(dtype)

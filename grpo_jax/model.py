@@ -311,7 +311,7 @@ def grouped_logprobs(params: Params, prompt_BxP, prompt_mask_BxP, comp_NxT, comp
     comp_NxT = jnp.asarray(comp_NxT, jnp.int32)
     pmask = jnp.asarray(prompt_mask_BxP).astype(bool)
     cmask = jnp.asarray(comp_mask_NxT).astype(bool)
-    (b, p), (n, t) = prompt_BxP.shape, comp_NxT.shape
+    p, (n, t) = prompt_BxP.shape[1], comp_NxT.shape
     inv_freq = rope_inv_freq(cfg)
     pos_p = positions_from_mask(pmask)
     pos_c = jnp.repeat(pmask.sum(-1), g)[:, None] + jnp.arange(t)[None]

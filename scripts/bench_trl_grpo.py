@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -67,39 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-_PROBE = "Compute 37+58. <think>x = 1,234</think> <answer>42</answer>\n Hello"
-
-
 def load_tokenizer(model_dir: str):
-    """The directory's tokenizer, as grpo_jax.hf_io.load_tokenizer loads it (without jax):
-    AutoTokenizer, unless it disagrees with tokenizer.json, which then wins."""
-    import tokenizers
-    import transformers
+    """The directory's tokenizer, loaded by grpo_jax.hf_io (which imports no jax for this)."""
+    from grpo_jax.hf_io import load_tokenizer as load
 
-    d = Path(model_dir)
-    tok = None
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(d)
-    except Exception:
-        pass
-    tj = d / "tokenizer.json"
-    if tj.exists():
-        raw = tokenizers.Tokenizer.from_file(str(tj))
-        if tok is None or tok(_PROBE, add_special_tokens=False)["input_ids"] != \
-                raw.encode(_PROBE, add_special_tokens=False).ids:
-            kw = {}
-            tc = d / "tokenizer_config.json"
-            if tc.exists():
-                conf = json.loads(tc.read_text())
-                kw = {k: conf[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token",
-                                           "chat_template", "model_max_length")
-                      if isinstance(conf.get(k), (str, int))}
-            tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, **kw)
-    if tok is None:
-        raise SystemExit(f"{d}: no tokenizer could be loaded")
-    if tok.pad_token_id is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load(model_dir)
 
 
 def trl_rewards(lengths: list[float], stopped: list[bool], prompts_seen: list[str], eos_ids: set[int]):
