@@ -70,6 +70,10 @@ class ModelConfig:
     param_dtype: DType = "float32"
     compute_dtype: DType = "float32"  # matmuls; softmax, norms and log-probs stay float32
     remat: bool = False  # rematerialize each layer in the backward pass
+    # lax.scan over the layers in training (compile time flat in depth), or unrolled (no stacked
+    # per-layer activations and gradients: ~8% faster updates for a 4-layer model on CPU).
+    # None: scan from 8 layers up.
+    scan_layers: bool | None = None
     logits_chunk: int = 1024  # sequence chunk for log-probs, bounds the live [N, chunk, V] logits
 
     def __post_init__(self):
@@ -91,6 +95,10 @@ class ModelConfig:
     @property
     def hd(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def use_scan(self) -> bool:
+        return self.scan_layers if self.scan_layers is not None else self.num_layers >= 8
 
     @property
     def num_params(self) -> int:

@@ -199,6 +199,19 @@ def _layer(x, lp, *, cfg: ModelConfig, positions, allowed, inv_freq, cache=None,
     return _attn_out_mlp(x, o, lp, cfg), cache
 
 
+def _over_layers(body, carry, layers, cfg: ModelConfig):
+    """`body(carry, layer_params) -> (carry, None)` over the stacked layers: `lax.scan` (compile
+    time flat in depth), or a Python loop when `cfg.use_scan` is off (no stacking of per-layer
+    activations and gradients; faster for shallow models). Rematerialized if `cfg.remat`."""
+    if cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    if cfg.use_scan:
+        return jax.lax.scan(body, carry, layers)
+    for i in range(cfg.num_layers):
+        carry, _ = body(carry, jax.tree.map(lambda w: w[i], layers))
+    return carry, None
+
+
 def decoder(params: Params, tokens_BxL, cfg: ModelConfig, *, positions_BxL, allowed_BxLxS,
             cache: Cache | None = None, index=0):
     """Embeddings, all layers and the final norm: returns (hidden [B, L, D] float32, cache).
@@ -223,9 +236,7 @@ def decoder(params: Params, tokens_BxL, cfg: ModelConfig, *, positions_BxL, allo
         def body(x, lp):
             return layer(x, lp)[0], None
 
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, params["layers"])
+        x, _ = _over_layers(body, x, params["layers"], cfg)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
 
 
@@ -331,11 +342,9 @@ def grouped_logprobs(params: Params, prompt_BxP, prompt_mask_BxP, comp_NxT, comp
             oc = attention(qc, k, v, allowed_c)
         return (_attn_out_mlp(xp, op, lp, cfg), _attn_out_mlp(xc, oc, lp, cfg)), None
 
-    if cfg.remat:
-        body = jax.checkpoint(body, prevent_cse=False)
     x0 = (params["embed"][prompt_BxP].astype(jnp.float32),
           params["embed"][comp_NxT].astype(jnp.float32))
-    (xp, xc), _ = jax.lax.scan(body, x0, params["layers"])
+    (xp, xc), _ = _over_layers(body, x0, params["layers"], cfg)
     # The prompt's last position predicts completion token 0; completion position t predicts t+1.
     h_last = rms_norm(xp[:, -1:], params["final_norm"], cfg.rms_norm_eps)
     h = jnp.concatenate([jnp.repeat(h_last, g, 0),

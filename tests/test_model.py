@@ -165,3 +165,19 @@ def test_grouped_logprobs_equal_logprobs_of_concatenated_rows(kw):
         scale = float(np.abs(a).max())
         assert scale > 1e-2  # gradients large enough for the comparison to mean something
         np.testing.assert_allclose(a, c, atol=2e-4 * scale)  # float32 summation order
+
+
+def test_scanned_and_unrolled_layers_agree():
+    base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                       num_heads=4, num_kv_heads=2, attention_bias=True)
+    assert not base.use_scan and ModelConfig(**{**base.__dict__, "num_layers": 8}).use_scan
+    params = M.init_params(base, jax.random.key(5), std=0.3)
+    tokens, mask = _batch(4, vocab=64)
+    out = {}
+    for scan in (True, False):
+        cfg = ModelConfig(**{**base.__dict__, "scan_layers": scan})
+        f = lambda p: M.token_logprobs(p, tokens, cfg, mask)
+        out[scan] = (f(params), jax.grad(lambda p: jnp.sum(f(p) * mask[:, 1:]))(params))
+    np.testing.assert_allclose(out[True][0], out[False][0], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[True][1]), jax.tree.leaves(out[False][1])):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(np.abs(a).max()))
