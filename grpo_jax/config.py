@@ -315,17 +315,27 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LogConfig:
-    every: int = 1  # steps between metric lines
+    every: int = 1  # steps between lines of metrics.jsonl / TensorBoard points (the plot has all)
     samples_every: int = 10  # steps between logged decoded completions (0 = never)
     num_samples: int = 4
     tensorboard: bool = True
     progress: bool = True
 
+    def __post_init__(self):
+        _check(self.every >= 1, "log.every", f"must be >= 1, got {self.every}")
+        _check(self.samples_every >= 0, "log.samples_every", f"must be >= 0 (0 = never), got {self.samples_every}")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
+    """Orbax checkpoints of (params, optimizer state, step) under RUN_DIR/checkpoints/step_N."""
+
     every: int = 0  # steps between checkpoints (0 = only the final one)
-    keep: int = 2
+    keep: int = 2  # newest checkpoints kept
+
+    def __post_init__(self):
+        _check(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 = final only), got {self.every}")
+        _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

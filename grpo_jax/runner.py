@@ -219,8 +219,11 @@ def run(exp: Experiment, name: str = "run") -> dict:
             log.samples(host["_samples"])
         if pending is not None:  # the previous step's metrics, fetched one step late
             rows.append(finish_metrics(*pending))
-            log.metrics(rows[-1])
+            if rows[-1]["step"] % exp.log.every == 0:
+                log.metrics(rows[-1])
         pending = (dev_metrics, host)
+        if exp.checkpoint.every and (step + 1) % exp.checkpoint.every == 0 and step + 1 < exp.steps:
+            save_checkpoint(run_dir, state, step + 1, exp.checkpoint.keep)
         bar.update(1)
         bar.set_postfix(reward=f"{host['reward']:.3f}", acc=f"{host.get('accuracy', 0):.2f}",
                         fmt=f"{host.get('format_rate', 0):.2f}", len=f"{host['response_length']:.0f}")
@@ -256,14 +259,28 @@ def run(exp: Experiment, name: str = "run") -> dict:
     return summary
 
 
-def save_final(run_dir: Path, state, cfg, tok, exp: Experiment, say):
-    """The final orbax checkpoint (params, optimizer state, step) and a Hugging Face export."""
+def save_checkpoint(run_dir: Path, state, step: int, keep: int) -> Path:
+    """An orbax checkpoint of (params, optimizer state, step) at checkpoints/step_N; only the
+    newest `keep` step_* directories are kept (the final one is never deleted)."""
+    import shutil
+
     import orbax.checkpoint as ocp
 
-    ckpt = (run_dir / "checkpoints" / f"step_{exp.steps}").absolute()
+    root = run_dir / "checkpoints"
+    ckpt = (root / f"step_{step}").absolute()
     with ocp.StandardCheckpointer() as saver:
         saver.save(ckpt, {"params": state.params, "opt_state": state.opt_state, "step": state.step},
                    force=True)
+    if jax.process_index() == 0:
+        old = sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-max(keep, 1)]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+    return ckpt
+
+
+def save_final(run_dir: Path, state, cfg, tok, exp: Experiment, say):
+    """The final orbax checkpoint and a Hugging Face export of the policy."""
+    ckpt = save_checkpoint(run_dir, state, exp.steps, exp.checkpoint.keep)
     if jax.process_index() == 0:
         hf_io.save(jax.device_get(state.params), cfg, run_dir / "hf_model", tokenizer=tok)
     say(f"saved {ckpt} and the Hugging Face export {run_dir / 'hf_model'}")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from grpo_jax import model as M
-from grpo_jax.config import (DataConfig, EvalConfig, Experiment, GRPOConfig, LogConfig, ModelConfig,
-                             ModelSource, OptimConfig, PretrainConfig, RewardConfig, SamplerConfig)
+from grpo_jax.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment, GRPOConfig,
+                             LogConfig, ModelConfig, ModelSource, OptimConfig, PretrainConfig,
+                             RewardConfig, SamplerConfig)
 from grpo_jax.runner import load_experiment, run
 from grpo_jax.tasks import get_task
 from grpo_jax.tasks.tokenizers import char_tokenizer
@@ -149,14 +150,15 @@ def test_tiny_experiment_runs_end_to_end(tmp_path):
         pretrain=PretrainConfig(steps=3, batch_size=8),
         data=dataclasses.replace(exp.data, eval_problems=8),
         eval=dataclasses.replace(exp.eval, samples=2, batch_prompts=8),
-        log=dataclasses.replace(exp.log, progress=False))
+        log=dataclasses.replace(exp.log, progress=False), checkpoint=CheckpointConfig(every=1, keep=2))
     summary = run(exp, name="tiny")
     d = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "eval.jsonl", "summary.json", "curves.png",
                  "samples.jsonl", "pretrain_metrics.jsonl", "hf_model/config.json",
                  "hf_model/model.safetensors"):
         assert (d / name).exists(), name
-    assert (d / "checkpoints" / "step_2").is_dir()
+    # every=1: step_1 during the run, step_2 the final one
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_1", "step_2"]
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for k in ("pass_at_1_before", "pass_at_1_after", "format_rate_before", "format_rate_after",
@@ -216,3 +218,13 @@ def test_every_variant_trains_a_step(grpo):
     assert m["grad_norm"] >= 0 and np.isfinite(host["reward"])
     if grpo.overlong_cache:  # 12 new tokens, soft zone 4: long completions get a penalty
         assert host["reward"] <= host.get("reward/accuracy", 0) + host.get("reward/format_partial", 0) + 1e-6
+
+
+def test_checkpoints_keep_only_the_newest(tmp_path):
+    from grpo_jax.runner import save_checkpoint
+    from grpo_jax.trainer import TrainState
+
+    state = TrainState(params={"w": jnp.ones(3)}, opt_state={"m": jnp.zeros(3)}, step=jnp.int32(0))
+    for step in (5, 10, 15):
+        save_checkpoint(tmp_path, state, step, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10", "step_15"]
