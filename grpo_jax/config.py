@@ -265,12 +265,15 @@ class DataConfig:
 
     task: str = "arithmetic"
     task_args: str = "{}"  # the task's keyword arguments as a JSON object, e.g. '{"digits": [1, 2]}'
-    template: Literal["r1_zero", "chat", "plain", "short"] = "r1_zero"
+    # r1_zero: DeepSeek-R1's base-model template; chat: the tokenizer's chat template; chat_r1:
+    # that with the R1 tag instruction as system message; plain: the question; short: the tiny
+    # experiments' "User: q Assistant:".
+    template: Literal["r1_zero", "chat", "chat_r1", "plain", "short"] = "r1_zero"
     max_prompt_tokens: int = 512
     eval_problems: int = 200
 
     def __post_init__(self):
-        _check_choice(self.template, "data.template", ("r1_zero", "chat", "plain", "short"))
+        _check_choice(self.template, "data.template", ("r1_zero", "chat", "chat_r1", "plain", "short"))
         try:
             args = json.loads(self.task_args)
         except json.JSONDecodeError as e:

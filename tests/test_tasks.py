@@ -265,6 +265,11 @@ def test_chat_prompt_uses_the_tokenizer_template():
         "<|system|>Be brief.\n<|user|>2+2?\n<|assistant|><think>\n"
     )
     assert format_prompt({"question": "x"}, "chat", tok) == "<|user|>x\n<|assistant|>"
+    from grpo_jax.tasks.templates import R1_SYSTEM_PROMPT
+
+    assert format_prompt({"question": "x"}, "chat_r1", tok) == (
+        f"<|system|>{R1_SYSTEM_PROMPT}\n<|user|>x\n<|assistant|>")
+    assert "<think> </think> and <answer> </answer> tags" in R1_SYSTEM_PROMPT
     with pytest.raises(ValueError, match="needs a tokenizer"):
         format_prompt({"question": "x"}, "chat")
     with pytest.raises(ValueError, match="has no chat template"):

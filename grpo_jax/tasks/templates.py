@@ -23,8 +23,8 @@ R1_SYSTEM_PROMPT = R1_ZERO_TEMPLATE.split(" User:")[0]
 # the R1 one, <think> ... </think> <answer> ... </answer>.
 SHORT_TEMPLATE = "User: {prompt} Assistant:"
 
-TemplateName = Literal["r1_zero", "chat", "plain", "short"]
-TEMPLATES: tuple[str, ...] = ("r1_zero", "chat", "plain", "short")
+TemplateName = Literal["r1_zero", "chat", "chat_r1", "plain", "short"]
+TEMPLATES: tuple[str, ...] = ("r1_zero", "chat", "chat_r1", "plain", "short")
 
 
 def r1_zero_prompt(question: str) -> str:
@@ -69,7 +69,8 @@ def format_prompt(
     system: str | None = None,
     add_think: bool = False,
 ) -> str:
-    """The prompt text for an example under `template` ("r1_zero", "chat", "plain" or "short")."""
+    """The prompt text for an example under `template` ("r1_zero", "chat", "chat_r1", "plain" or
+    "short")."""
     question = example["question"]
     if template == "r1_zero":
         return r1_zero_prompt(question)
@@ -77,8 +78,12 @@ def format_prompt(
         return question
     if template == "short":
         return SHORT_TEMPLATE.format(prompt=question.strip())
-    if template == "chat":
+    if template in ("chat", "chat_r1"):
         if tokenizer is None:
-            raise ValueError("template='chat' needs a tokenizer")
+            raise ValueError(f"template={template!r} needs a tokenizer")
+        # chat_r1: the R1 instruction (think/answer tags) as the system message, so that an
+        # instruct model is told the format the format reward checks.
+        if template == "chat_r1" and system is None:
+            system = R1_SYSTEM_PROMPT
         return chat_prompt(tokenizer, question, system=system, add_think=add_think)
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
