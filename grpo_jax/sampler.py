@@ -121,8 +121,7 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
                                            positions_BxL=positions, kv_mask_BxS=kv_mask)
         # Prefill each prompt once, then give each of its G rows a copy of the cache.
         rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
-        cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(jnp.repeat(pc[:, :, :p], group_size, 0)),
-                             cache, prompt_cache)
+        cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(rep(pc[:, :, :p])), cache, prompt_cache)
         last, kv_mask, pos = rep(logits[:, -1]), rep(kv_mask), rep(positions[:, -1] + 1)
     stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
 

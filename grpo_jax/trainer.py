@@ -45,10 +45,11 @@ class TrainState:
     step: jax.Array  # optimizer updates so far
 
 
-def prompt_ids(tok, examples: list[Example], template: str, max_tokens: int) -> list[list[int]]:
+def prompt_ids(tok, texts: list[str], examples: list[Example], max_tokens: int) -> list[list[int]]:
+    """Token ids of the formatted prompts `texts` (one per example), refusing over-long ones."""
     ids = []
-    for ex in examples:
-        p = tok(format_prompt(ex, template, tok), add_special_tokens=False).input_ids
+    for text, ex in zip(texts, examples):
+        p = tok(text, add_special_tokens=False).input_ids
         if len(p) > max_tokens:
             raise ValueError(f"prompt of example {ex.get('id')} has {len(p)} tokens, more than "
                              f"data.max_prompt_tokens={max_tokens}; raise the limit or shorten it")
@@ -187,7 +188,8 @@ class GRPOTrainer:
         b = exp.prompts_per_step
         n_prompts = math.ceil(b * g.dynamic_oversample) if g.zero_std == "dynamic" else b
         examples = self.task.train(n_prompts, seed=exp.seed * 1_000_003 + step)
-        ids = prompt_ids(self.tok, examples, exp.data.template, exp.data.max_prompt_tokens)
+        prompts_text = [format_prompt(ex, exp.data.template, self.tok) for ex in examples]
+        ids = prompt_ids(self.tok, prompts_text, examples, exp.data.max_prompt_tokens)
         p_tok, p_mask = pad_prompts(ids, bucket=self.scfg.prompt_bucket, pad_id=self.tok.pad_token_id)
         with jax.named_scope("rollout"):
             out = self.sampler(state.params, p_tok, p_mask,
@@ -196,7 +198,6 @@ class GRPOTrainer:
         t_roll = time.perf_counter() - t0
 
         completions = decode(self.tok, out.tokens, out.lengths)
-        prompts_text = [format_prompt(ex, exp.data.template, self.tok) for ex in examples]
         rep = lambda xs: [x for x in xs for _ in range(g.group_size)]
         fields = {k: rep([ex.get(k) for ex in examples]) for k in examples[0]}
         fields["completion_length"] = [int(x) for x in out.lengths]
@@ -280,26 +281,28 @@ def evaluate(params, cfg: ModelConfig, tok, examples: list[Example], *, template
                       pad_id=tok.pad_token_id)
     greedy = Sampler(cfg, SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0,
                                         stop_ids=stop, prompt_bucket=bucket), pad_id=tok.pad_token_id)
-    ids = prompt_ids(tok, examples, template, max_prompt_tokens)
+    texts = [format_prompt(ex, template, tok) for ex in examples]
+    ids = prompt_ids(tok, texts, examples, max_prompt_tokens)
     longest = max(len(i) for i in ids)
     acc, fmt, lengths, greedy_acc = [], [], [], []
     acc_fn, fmt_fn = get_reward("accuracy"), get_reward("format")
     for start in range(0, len(examples), batch_prompts):
         chunk = ids[start:start + batch_prompts]
         exs = examples[start:start + batch_prompts]
+        prompt_texts = texts[start:start + batch_prompts]
         real = len(chunk)
         chunk = chunk + [chunk[0]] * (batch_prompts - real)  # same shape every batch
         p_tok, p_mask = pad_prompts(chunk, bucket=bucket, pad_id=tok.pad_token_id, min_len=longest)
         k = jax.random.fold_in(key, start)
         for sampler, g, sink in ((sampled, samples, None), (greedy, 1, greedy_acc)):
             out = jax.device_get(sampler(params, p_tok, p_mask, k, group_size=g))
-            texts = decode(tok, out.tokens[: real * g], out.lengths[: real * g])
-            prompts = [format_prompt(ex, template, tok) for ex in exs for _ in range(g)]
+            completions = decode(tok, out.tokens[: real * g], out.lengths[: real * g])
+            prompts = [t for t in prompt_texts for _ in range(g)]
             gold = [ex["answer"] for ex in exs for _ in range(g)]
-            a = acc_fn(prompts, texts, answer=gold)
+            a = acc_fn(prompts, completions, answer=gold)
             if sink is None:
                 acc += a
-                fmt += fmt_fn(prompts, texts)
+                fmt += fmt_fn(prompts, completions)
                 lengths += [int(x) for x in out.lengths[: real * g]]
             else:
                 sink += a
