@@ -162,7 +162,13 @@ class GRPOTrainer:
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+        # A non-finite loss or gradient skips the update: parameters, optimizer moments and the
+        # step stay as they were, and the metric says so (the runner counts faults in a row).
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        metrics["nonfinite_update"] = (~ok).astype(jnp.float32)
+        return TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                          step=state.step + ok.astype(state.step.dtype)), metrics
 
     def _update_fn(self, state: TrainState, batch, key):
         """mu epochs over the rollout, each split into minibatches of whole groups (so that each
@@ -177,7 +183,8 @@ class GRPOTrainer:
             return jax.lax.scan(self._minibatch, state, shuffled)
 
         state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, g.mu))
-        return state, jax.tree.map(jnp.mean, metrics)
+        skipped = metrics.pop("nonfinite_update").sum()
+        return state, {**jax.tree.map(jnp.mean, metrics), "skipped_updates": skipped}
 
     # ------------------------------------------------------------------ one step
 
@@ -223,17 +230,24 @@ class GRPOTrainer:
         batch = dict(prompt=p_tok[idx], prompt_mask=p_mask[idx], comp=grp(out.tokens[rows]),
                      gen_mask=grp(gen_mask), loss_mask=grp(loss_mask),
                      adv=grp(adv.astype(np.float32)), sampler_logps=grp(out.logps[rows]))
-        with jax.named_scope("score"):
-            if g.uses_reference:
-                batch["ref_logps"] = self._score(ref_params, batch)
-            if self.reuse_rollout:
-                batch["old_logps"] = self._score(state.params, batch)
         lr = float(self.lr(int(state.step)))
         t1 = time.perf_counter()
-        state, dev_metrics = self._update(state, batch, jax.random.fold_in(self.keys["update"], step))
-        # Wait for the update (the next rollout needs its parameters anyway) so that the step's
-        # timings are its own; the metric values are still fetched later by the caller.
-        jax.block_until_ready(state.params)
+        # Non-finite sampler log-probs mean the policy itself is broken: no update from them.
+        logps_ok = bool(np.isfinite(np.where(gen_mask, batch["sampler_logps"].reshape(gen_mask.shape),
+                                             0.0)).all())
+        if logps_ok:
+            with jax.named_scope("score"):
+                if g.uses_reference:
+                    batch["ref_logps"] = self._score(ref_params, batch)
+                if self.reuse_rollout:
+                    batch["old_logps"] = self._score(state.params, batch)
+            state, dev_metrics = self._update(state, batch,
+                                              jax.random.fold_in(self.keys["update"], step))
+            # Wait for the update (the next rollout needs its parameters anyway) so that the
+            # step's timings are its own; the metric values are still fetched later.
+            jax.block_until_ready(state.params)
+        else:
+            dev_metrics = {"skipped_updates": float(g.mu * g.minibatches)}
         t2 = time.perf_counter()
 
         lengths = out.lengths[rows]
@@ -245,7 +259,7 @@ class GRPOTrainer:
             "response_length": float(lengths.mean()), "response_length_max": int(lengths.max()),
             "truncated_frac": float(out.truncated[rows].mean()),
             "zero_std_frac": float(np.asarray(L.zero_std_groups(rewards_BxG)).mean()),
-            "lr": lr, "rollout_s": t_roll, "update_s": t2 - t1, "step_s": t2 - t0,
+            "nonfinite_logps": int(not logps_ok), "lr": lr, "rollout_s": t_roll, "update_s": t2 - t1, "step_s": t2 - t0,
             "rollout_tokens_per_s": float(out.lengths.sum()) / max(t_roll, 1e-9),
             "train_tokens_per_s": float(gen_mask.sum()) / max(t2 - t1, 1e-9),
         }

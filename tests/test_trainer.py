@@ -61,6 +61,34 @@ def test_one_step_updates_params_and_reports_finite_metrics():
     assert {"reward/accuracy", "reward/format_partial", "zero_std_frac"} <= host.keys()
 
 
+def test_nonfinite_loss_skips_the_update(monkeypatch):
+    from grpo_jax import loss as L
+
+    exp = _exp()
+    tr, params = _trainer(exp)
+    state = tr.init_state(jax.tree.map(jnp.array, params))
+    before = jax.device_get((state.params, state.opt_state))
+    real = L.compute_advantages
+    monkeypatch.setattr(L, "compute_advantages", lambda r, *a, **k: real(r, *a, **k) * np.nan)
+    state, dev, host = tr.step(state, params, 0)
+    m = jax.device_get(dev)
+    assert float(m["skipped_updates"]) == 1 and not np.isfinite(float(m["loss"]))
+    assert int(state.step) == 0 and host["nonfinite_logps"] == 0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(
+            (state.params, state.opt_state)))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_sampler_logprobs_skip_the_update():
+    exp = _exp()
+    tr, params = _trainer(exp)
+    params = dict(params, final_norm=params["final_norm"] * np.nan)
+    state = tr.init_state(jax.tree.map(jnp.array, params))
+    state, dev, host = tr.step(state, params, 0)
+    assert host["nonfinite_logps"] == 1 and float(dev["skipped_updates"]) == 1
+    assert int(state.step) == 0
+
+
 def test_beta_zero_needs_no_reference_and_second_step_does_not_recompile():
     exp = _exp(grpo=GRPOConfig(group_size=4, kl_coef=0.0))
     tr, params = _trainer(exp)
