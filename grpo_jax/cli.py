@@ -11,8 +11,36 @@ import tyro
 
 COMMANDS = {
     "run": "run an experiment file: grpo-jax run experiments/NAME.py [--field value ...]",
+    "eval": "pass@1, pass@k, cons@k, greedy, format, language of a model or run -> eval.json/md",
+    "rejection-sample": "keep the sampled completions that pass the checks -> JSONL SFT dataset",
+    "sweep": "run a grid of overrides x seeds: grpo-jax sweep experiments/NAME.py --grid "
+             "grpo.kl_coef=0,0.04 --seeds 2",
+    "compare": "curves and a table comparing runs or sweeps: grpo-jax compare SWEEP_DIR ...",
     "demo": "make a tiny model locally, save it in Hugging Face format, reload it, and sample",
+    "export": "write a run's checkpoint as a Hugging Face directory: grpo-jax export RUN_DIR OUT_DIR "
+              "[--step N]",
 }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportArgs:
+    """Write checkpoint `step` of a run (default: its latest) as a Hugging Face directory
+    (config.json, model.safetensors, tokenizer files) that `transformers` loads."""
+
+    run_dir: tyro.conf.Positional[Path]
+    out_dir: tyro.conf.Positional[Path]
+    step: int | None = None  # a step with a checkpoint (see RUN_DIR/checkpoints/step_N)
+    stage: str | None = None  # the stage subdirectory of a pipeline run
+    overwrite: bool = False  # replace a non-empty OUT_DIR
+
+
+def export(args: ExportArgs) -> None:
+    from grpo_jax.checkpoints import export as export_run
+
+    out = export_run(args.run_dir, args.out_dir, args.step, stage=args.stage,
+                     overwrite=args.overwrite)
+    print(f"[grpo-jax] wrote {out} (config.json, safetensors, tokenizer); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,15 +109,34 @@ def main(argv: list[str] | None = None) -> None:
             print(f"grpo-jax: unknown command {argv[0]!r}\n", file=sys.stderr)
         print("usage: grpo-jax COMMAND [options]   (grpo-jax COMMAND --help for its options)\n")
         for name, text in COMMANDS.items():
-            print(f"  {name:8s} {text}")
+            print(f"  {name:17s} {text}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         from grpo_jax.runner import main as run_main
 
         run_main(rest)
+    if cmd == "eval":
+        from grpo_jax.evaluation import eval_main
+
+        eval_main(rest)
+    if cmd == "rejection-sample":
+        from grpo_jax.rejection import rejection_main
+
+        rejection_main(rest)
+    if cmd == "sweep":
+        from grpo_jax.sweep import sweep_main
+
+        sweep_main(rest)
+    if cmd == "compare":
+        from grpo_jax.compare import compare_main
+
+        compare_main(rest)
     if cmd == "demo":
         demo(tyro.cli(DemoArgs, args=rest, prog="grpo-jax demo"))
+    if cmd == "export":
+        export(tyro.cli(ExportArgs, args=rest, prog="grpo-jax export",
+                        config=(tyro.conf.FlagConversionOff,)))
 
 
 if __name__ == "__main__":

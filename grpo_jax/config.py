@@ -270,6 +270,9 @@ class DataConfig:
     # experiments' "User: q Assistant:".
     template: Literal["r1_zero", "chat", "chat_r1", "plain", "short"] = "r1_zero"
     max_prompt_tokens: int = 512
+    # A prompt longer than max_prompt_tokens: "error" stops the run and names the example;
+    # "truncate" keeps its last max_prompt_tokens tokens (the template's answer cue survives).
+    long_prompts: Literal["error", "truncate"] = "error"
     eval_problems: int = 200
 
     def __post_init__(self):
@@ -279,6 +282,7 @@ class DataConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"data.task_args: not a JSON object ({e}): {self.task_args!r}") from None
         _check(isinstance(args, dict), "data.task_args", f"must be a JSON object, got {self.task_args!r}")
+        _check_choice(self.long_prompts, "data.long_prompts", ("error", "truncate"))
         _check(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", f"must be >= 1, got {self.max_prompt_tokens}")
         _check(self.eval_problems >= 1, "data.eval_problems", f"must be >= 1, got {self.eval_problems}")
 
@@ -331,14 +335,21 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    """Orbax checkpoints of (params, optimizer state, step) under RUN_DIR/checkpoints/step_N."""
+    """Orbax checkpoints under RUN_DIR/checkpoints/step_N: parameters, optimizer state, reference
+    parameters (when beta > 0) and a JSON record (step, data position, wall time). Everything
+    random derives from (seed, step), so these are all a run needs to resume bit for bit. Writes
+    are atomic (a temporary directory renamed when complete) and, by default, asynchronous."""
 
     every: int = 0  # steps between checkpoints (0 = only the final one)
     keep: int = 2  # newest checkpoints kept
+    milestone_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = none)
+    async_save: bool = True  # write in the background while training goes on
 
     def __post_init__(self):
         _check(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 = final only), got {self.every}")
         _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+        _check(self.milestone_every >= 0, "checkpoint.milestone_every",
+               f"must be >= 0 (0 = no milestones), got {self.milestone_every}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -376,9 +387,13 @@ class Experiment:
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     pretrain: PretrainConfig | None = None
-    run_dir: str | None = None  # None: a new directory under runs/
+    run_dir: str | None = None  # None: a new directory under runs/; an existing one resumes
+    max_nonfinite_steps: int = 3  # stop after this many steps in a row with skipped updates
+    allow_config_change: bool = False  # resume although the config differs from the run's
 
     def __post_init__(self):
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps",
+               f"must be >= 1, got {self.max_nonfinite_steps}")
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
         _check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         mb = self.grpo.minibatches * self.optim.micro_batches

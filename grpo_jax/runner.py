@@ -11,6 +11,10 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -42,17 +46,29 @@ def config_dict(exp: Experiment) -> dict:
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard + samples.jsonl, written by process 0 only."""
+    """metrics.jsonl + TensorBoard + samples.jsonl + eval.jsonl, written by process 0 only.
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    Resuming at step s first drops every line logged after s (a kill between checkpoints leaves
+    such lines), so the files always describe one uninterrupted run."""
+
+    FILES = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
         self.dir = run_dir
         self.main = jax.process_index() == 0
         self.tb = None
+        if self.main:
+            for name in self.FILES:
+                if resume_step is None:
+                    (run_dir / name).unlink(missing_ok=True)
+                else:
+                    rows = [r for r in read_jsonl(run_dir / name) if r["step"] <= resume_step]
+                    atomic_write(run_dir / name, "".join(json.dumps(r) + "\n" for r in rows))
         if self.main and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
             except ImportError:  # optional: metrics.jsonl has everything
                 self.tb = None
 
@@ -83,19 +99,106 @@ class RunLog:
             self.tb.close()
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a log file; a last line cut short by a kill is dropped."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON line: {line[:80]!r}") from None
+    return rows
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary sibling renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ConfigMismatch(ValueError):
+    """Resuming a run directory with another config."""
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint written on SIGTERM / SIGINT; the process exits with
+    `PREEMPTED_EXIT`, which the launchers read as "restart me"."""
+
+
+class NumericFault(RuntimeError):
+    """Too many steps in a row whose updates were skipped for non-finite values."""
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Fields that say how to run, not what is computed: they may change on resume.
+_RUNTIME_FIELDS = ("run_dir", "allow_config_change", "log.progress")
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in _RUNTIME_FIELDS]
+
+
 def make_run_dir(exp: Experiment, name: str) -> Path:
+    """Create (or reopen) the run directory; refuse an unwritable one, and a resume whose config
+    differs from the run's (unless allow_config_change), before anything is written."""
     if exp.run_dir:
         d = Path(exp.run_dir)
     else:
         d = Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    d.mkdir(parents=True, exist_ok=True)
-    probe = d / ".write_test"
-    try:  # find an unwritable run directory now, not at the first save
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".write_test"
         probe.write_text("ok")
         probe.unlink()
-    except OSError as e:
+    except OSError as e:  # found now, not at the first save
         raise OSError(f"{d}: the run directory is not writable ({e}); pass --run-dir DIR") from e
+    new = config_dict(exp)
+    if (d / "config.json").exists():
+        diff = config_diff(json.loads((d / "config.json").read_text()), new)
+        if diff and not exp.allow_config_change:
+            raise ConfigMismatch(
+                f"{d} holds a run with another config; it would resume from its checkpoint with "
+                f"these fields changed:\n  " + "\n  ".join(diff) +
+                "\nUse a new --run-dir, or pass --allow-config-change True to resume anyway.")
+        if diff and jax.process_index() == 0:
+            with open(d / "config_changes.jsonl", "a") as f:
+                f.write(json.dumps({"time": datetime.datetime.now().isoformat(), "changes": diff}) + "\n")
+    if jax.process_index() == 0:
+        atomic_write(d / "config.json", json.dumps(new, indent=2))
     return d
+
+
+def check_disk_space(run_dir: Path, cfg, exp: Experiment) -> None:
+    """Stop before training when the checkpoints and the export cannot fit on the disk."""
+    p = cfg.num_params * jax.numpy.dtype(cfg.param_dtype).itemsize
+    per_ckpt = p * (3 + exp.grpo.uses_reference)  # params, two AdamW moments, reference
+    need = per_ckpt * (exp.checkpoint.keep + 1) + p  # + one being written, + the HF export
+    free = shutil.disk_usage(run_dir).free
+    if need > free:
+        raise OSError(f"{run_dir}: {free / 2**30:.2f} GiB free on its disk, but the checkpoints "
+                      f"(keep={exp.checkpoint.keep}, {per_ckpt / 2**30:.2f} GiB each) and the "
+                      f"export need about {need / 2**30:.2f} GiB; free space, lower "
+                      f"--checkpoint.keep, or pass --run-dir on a larger disk")
 
 
 def build_policy(exp: Experiment, say):
@@ -153,11 +256,51 @@ def pretrain(exp: Experiment, cfg, params, tok, task, say, log_path: Path):
     return res.params
 
 
+class StopRequest:
+    """SIGTERM / SIGINT set `requested`; the run checkpoints at the next step boundary and exits
+    with PREEMPTED_EXIT. A second SIGINT interrupts at once."""
+
+    def __init__(self, say):
+        self.requested, self._say, self._old = False, say, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._say(f"got {signal.Signals(signum).name}: checkpointing at the end of this step, then "
+                  f"exiting with code {PREEMPTED_EXIT} (rerun the same command to resume)")
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def resume_policy(exp: Experiment, run_dir: Path):
+    """(cfg, tokenizer) of a run being resumed: its weights come from the checkpoint."""
+    src = exp.model
+    if src.path is None:
+        from grpo_jax.tasks.tokenizers import char_tokenizer
+
+        return dataclasses.replace(src.init, remat=src.remat), char_tokenizer(tags=True)
+    policy = run_dir / "policy"
+    cfg = hf_io.config_from_hf(json.loads((policy / "config.json").read_text()),
+                               param_dtype=src.param_dtype, compute_dtype=src.compute_dtype)
+    return dataclasses.replace(cfg, remat=src.remat), hf_io.load_tokenizer(policy, vocab_size=cfg.vocab_size)
+
+
 def run(exp: Experiment, name: str = "run") -> dict:
-    """Run an experiment end to end; returns the summary (also written to summary.json)."""
+    """Run an experiment end to end; returns the summary (also written to summary.json).
+
+    A run directory that already holds checkpoints is resumed from the latest one: the same
+    seed and step give the same data, samples and updates, so the result is the same as that of
+    an uninterrupted run, bit for bit on CPU."""
     from tqdm import tqdm
 
-    from grpo_jax.trainer import GRPOTrainer, evaluate, finish_metrics
+    from grpo_jax.checkpoints import Checkpointer
+    from grpo_jax.trainer import GRPOTrainer
 
     t_start = time.perf_counter()
     run_dir = make_run_dir(exp, name)
@@ -165,21 +308,50 @@ def run(exp: Experiment, name: str = "run") -> dict:
 
     def say(msg):
         if main:
-            (tqdm.write if exp.log.progress else print)(f"[grpo-jax] {msg}")
+            (tqdm.write if exp.log.progress else print)(f"[grpo-jax] {msg}", flush=True)
 
-    if main:
-        resolved = config_dict(exp)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-        for section, value in resolved.items():  # the resolved config, one line per section
-            say(f"config {section}: {json.dumps(value)}")
+    if (run_dir / "summary.json").exists():
+        done = json.loads((run_dir / "summary.json").read_text())
+        if done.get("steps") == exp.steps:
+            say(f"{run_dir} is a finished run of {exp.steps} steps; nothing to do "
+                f"(use a new --run-dir for a new run)")
+            return done
+        (run_dir / "summary.json").unlink()  # a finished run being extended
+    for section, value in config_dict(exp).items():  # the resolved config, one line per section
+        say(f"config {section}: {json.dumps(value)}")
     say(f"run directory {run_dir}  (jax {jax.__version__}, {jax.device_count()} "
         f"{jax.default_backend()} device(s))")
     task = get_task(exp.data.task, **exp.data.task_kwargs)
-    cfg, params, tok = build_policy(exp, say)
-    if exp.pretrain is not None:
-        params = pretrain(exp, cfg, params, tok, task, say, run_dir / "pretrain_metrics.jsonl")
-    log = RunLog(run_dir, exp.log.tensorboard)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep,
+                        milestone_every=exp.checkpoint.milestone_every,
+                        async_save=exp.checkpoint.async_save)
+    resume = ckpt.latest_step()
+    if resume is None:
+        cfg, params, tok = build_policy(exp, say)
+    else:
+        cfg, tok = resume_policy(exp, run_dir)
+    check_disk_space(run_dir, cfg, exp)
+    trainer = GRPOTrainer(exp, cfg, tok, task)
+    log = RunLog(run_dir, exp.log.tensorboard, resume)
+    stop = StopRequest(say)
+    try:
+        return _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resume,
+                         params if resume is None else None, say, t_start)
+    finally:
+        stop.restore()
+        ckpt.wait()
+        ckpt.close()
+        log.close()
 
+
+def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resume, params, say,
+              t_start):
+    from tqdm import tqdm
+
+    from grpo_jax.checkpoints import save_hf_dir, save_policy_files
+    from grpo_jax.trainer import TrainState, evaluate, finish_metrics
+
+    main = jax.process_index() == 0
     eval_examples = task.eval(exp.data.eval_problems)
     eval_key = jax.random.fold_in(jax.random.key(exp.seed), 99)
 
@@ -191,7 +363,7 @@ def run(exp: Experiment, name: str = "run") -> dict:
                        temperature=exp.eval.temperature, top_p=exp.eval.top_p,
                        key=eval_key, batch_prompts=exp.eval.batch_prompts,
                        max_prompt_tokens=exp.data.max_prompt_tokens,
-                       bucket=exp.sampler.prompt_bucket,
+                       long_prompts=exp.data.long_prompts, bucket=exp.sampler.prompt_bucket,
                        progress=lambda n: bar.update(n - bar.n))
         bar.close()
         res["step"] = step
@@ -201,89 +373,125 @@ def run(exp: Experiment, name: str = "run") -> dict:
             f"length {res['mean_length']:.1f}")
         return res
 
-    evals = [run_eval(params, 0)]
-    trainer = GRPOTrainer(exp, cfg, tok, task)
-    state = trainer.init_state(params)
-    ref_params = jax.tree.map(jax.numpy.copy, params) if exp.grpo.uses_reference else None
+    if resume is None:
+        if exp.pretrain is not None:
+            params = pretrain(exp, cfg, params, tok, task, say, run_dir / "pretrain_metrics.jsonl")
+        if main:
+            save_policy_files(run_dir, cfg, tok)
+        state = trainer.init_state(params)
+        ref_params = jax.tree.map(jax.numpy.copy, params) if exp.grpo.uses_reference else None
+        wall_before, start, saved = 0.0, 0, None
+    else:
+        shapes = jax.eval_shape(lambda: trainer.init_state(model.init_params(cfg, jax.random.key(0))))
+        targets = {"params": shapes.params, "opt_state": shapes.opt_state}
+        if exp.grpo.uses_reference:
+            targets["ref_params"] = shapes.params
+        items, meta = ckpt.restore(resume, targets)
+        state = TrainState(params=items["params"], opt_state=items["opt_state"],
+                           step=jax.numpy.int32(meta["update_step"]))
+        ref_params = items.get("ref_params")
+        wall_before, start, saved = meta["wall_s"], resume, resume
+        say(f"resuming {run_dir} from its checkpoint at step {resume} of {exp.steps}")
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+
+    def save(done):
+        nonlocal saved
+        ckpt.save(done, {"params": state.params, "opt_state": state.opt_state, "ref_params": ref_params},
+                  {"update_step": int(state.step), "wall_s": wall_before + time.perf_counter() - t_start,
+                   "data": {"next_step": done, "seed": exp.seed}})
+        saved = done
+
+    if exp.pretrain is not None and resume is None:
+        save(0)  # the pretrained base is not worth recomputing after a crash
     say(f"GRPO: {exp.steps} steps x {exp.prompts_per_step} prompts x G={exp.grpo.group_size}, "
         f"beta={exp.grpo.kl_coef} ({exp.grpo.kl_estimator}), adv={exp.grpo.adv_norm}, "
         f"agg={exp.grpo.aggregation}, eps=({exp.grpo.eps_low}, {exp.grpo.eps_high}), "
         f"mu={exp.grpo.mu}, rewards={dict(exp.rewards.weights)}")
-    rows, pending = [], None
-    bar = tqdm(total=exp.steps, desc="grpo", disable=not exp.log.progress)
-    for step in range(exp.steps):
+    pending, faults = None, []
+
+    def flush():  # the pending step's metrics, fetched one step late so the device never waits
+        nonlocal pending
+        if pending is None:
+            return
+        row = finish_metrics(*pending)
+        pending = None
+        rows.append(row)
+        if row["step"] % exp.log.every == 0 or row["step"] == exp.steps:
+            log.metrics(row)
+        if row.get("skipped_updates", 0) > 0 or row.get("nonfinite_logps", 0):
+            faults.append(row["step"])
+            say(f"step {row['step']}: non-finite {'sampler log-probs' if row.get('nonfinite_logps') else 'loss or gradient'}"
+                f"; the update was skipped ({len(faults)} in a row)")
+            if len(faults) >= exp.max_nonfinite_steps:
+                raise NumericFault(
+                    f"steps {faults[0]}-{faults[-1]}: {len(faults)} steps in a row had non-finite "
+                    f"values and skipped their updates (max_nonfinite_steps="
+                    f"{exp.max_nonfinite_steps}); stopped. The parameters are those before the "
+                    f"faults; the last checkpoint is step {ckpt.latest_step()}. Try a lower "
+                    f"--optim.lr, --optim.clip-norm, float32 parameters, or check the rewards.")
+        else:
+            faults.clear()
+
+    def eval_due(s):
+        return s == 0 or (exp.eval.every and s % exp.eval.every == 0)
+
+    bar = tqdm(total=exp.steps, initial=start, desc="grpo", disable=not exp.log.progress)
+    for step in range(start, exp.steps):
+        if stop.requested:
+            flush()
+            if saved != step:
+                save(step)
+            ckpt.wait()
+            bar.close()
+            say(f"checkpointed at step {step}; exiting with code {PREEMPTED_EXIT}")
+            raise Preempted(PREEMPTED_EXIT)
+        if eval_due(step) and not any(e["step"] == step for e in evals):
+            evals.append(run_eval(state.params, step))
         if exp.grpo.ref_refresh_every and step and step % exp.grpo.ref_refresh_every == 0:
             ref_params = jax.tree.map(jax.numpy.copy, state.params)
         state, dev_metrics, host = trainer.step(state, ref_params, step)
         if exp.log.samples_every and step % exp.log.samples_every == 0:
             log.samples(host["_samples"])
-        if pending is not None:  # the previous step's metrics, fetched one step late
-            rows.append(finish_metrics(*pending))
-            if rows[-1]["step"] % exp.log.every == 0:
-                log.metrics(rows[-1])
+        flush()
         pending = (dev_metrics, host)
-        if exp.checkpoint.every and (step + 1) % exp.checkpoint.every == 0 and step + 1 < exp.steps:
-            save_checkpoint(run_dir, state, step + 1, exp.checkpoint.keep)
         bar.update(1)
         bar.set_postfix(reward=f"{host['reward']:.3f}", acc=f"{host.get('accuracy', 0):.2f}",
                         fmt=f"{host.get('format_rate', 0):.2f}", len=f"{host['response_length']:.0f}")
-        if exp.eval.every and (step + 1) % exp.eval.every == 0 and step + 1 < exp.steps:
-            evals.append(run_eval(state.params, step + 1))
-    if pending is not None:
-        rows.append(finish_metrics(*pending))
-        log.metrics(rows[-1])
+        if exp.checkpoint.every and (step + 1) % exp.checkpoint.every == 0 and step + 1 < exp.steps:
+            flush()
+            save(step + 1)
+    flush()
     bar.close()
-    final = run_eval(state.params, exp.steps) if exp.steps else evals[0]
-    if exp.steps:
+    final = next((e for e in evals if e["step"] == exp.steps), None)
+    if final is None:
+        final = run_eval(state.params, exp.steps)
         evals.append(final)
-
-    save_final(run_dir, state, cfg, tok, exp, say)
-    if main and rows:
-        plot_metrics(rows, run_dir / "curves.png", title=f"{name}: GRPO", evals=evals)
-    log.close()
+    if saved != exp.steps:
+        save(exp.steps)
+    ckpt.wait()
+    if main:
+        save_hf_dir(jax.device_get(state.params), cfg, run_dir / "hf_model", tok)
+        if rows:
+            plot_metrics(rows, run_dir / "curves.png", title=f"{name}: GRPO", evals=evals)
+    say(f"saved {ckpt.root}/step_{exp.steps} and the Hugging Face export {run_dir / 'hf_model'}")
+    first = evals[0]
     summary = {
-        "pass_at_1_before": evals[0]["pass_at_1"], "pass_at_1_after": final["pass_at_1"],
-        "greedy_accuracy_before": evals[0]["greedy_accuracy"],
+        "pass_at_1_before": first["pass_at_1"], "pass_at_1_after": final["pass_at_1"],
+        "greedy_accuracy_before": first["greedy_accuracy"],
         "greedy_accuracy_after": final["greedy_accuracy"],
-        "format_rate_before": evals[0]["format_rate"], "format_rate_after": final["format_rate"],
-        "mean_length_before": evals[0]["mean_length"], "mean_length_after": final["mean_length"],
+        "format_rate_before": first["format_rate"], "format_rate_after": final["format_rate"],
+        "mean_length_before": first["mean_length"], "mean_length_after": final["mean_length"],
         "eval_problems": len(eval_examples), "eval_samples_per_problem": exp.eval.samples,
         "steps": exp.steps, "final_reward": rows[-1]["reward"] if rows else None,
-        "wall_s": time.perf_counter() - t_start, "run_dir": str(run_dir),
+        "wall_s": wall_before + time.perf_counter() - t_start, "run_dir": str(run_dir),
     }
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"pass@1 {summary['pass_at_1_before']:.3f} -> {summary['pass_at_1_after']:.3f}, format "
         f"{summary['format_rate_before']:.3f} -> {summary['format_rate_after']:.3f} in "
         f"{summary['wall_s']:.0f}s; wrote {run_dir}/summary.json and curves.png")
     return summary
-
-
-def save_checkpoint(run_dir: Path, state, step: int, keep: int) -> Path:
-    """An orbax checkpoint of (params, optimizer state, step) at checkpoints/step_N; only the
-    newest `keep` step_* directories are kept (the final one is never deleted)."""
-    import shutil
-
-    import orbax.checkpoint as ocp
-
-    root = run_dir / "checkpoints"
-    ckpt = (root / f"step_{step}").absolute()
-    with ocp.StandardCheckpointer() as saver:
-        saver.save(ckpt, {"params": state.params, "opt_state": state.opt_state, "step": state.step},
-                   force=True)
-    if jax.process_index() == 0:
-        old = sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-max(keep, 1)]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
-    return ckpt
-
-
-def save_final(run_dir: Path, state, cfg, tok, exp: Experiment, say):
-    """The final orbax checkpoint and a Hugging Face export of the policy."""
-    ckpt = save_checkpoint(run_dir, state, exp.steps, exp.checkpoint.keep)
-    if jax.process_index() == 0:
-        hf_io.save(jax.device_get(state.params), cfg, run_dir / "hf_model", tokenizer=tok)
-    say(f"saved {ckpt} and the Hugging Face export {run_dir / 'hf_model'}")
 
 
 def main(argv: list[str]) -> None:
