@@ -20,5 +20,6 @@ CONFIG = Experiment(
     grpo=GRPOConfig(group_size=8, kl_coef=0.001, kl_estimator="k3"),
     optim=OptimConfig(lr=1e-6, warmup_steps=10, clip_norm=1.0),
     rewards=RewardConfig(weights=(("countdown", 1.0),)),
-    eval=EvalConfig(every=50, samples=4, temperature=0.6, top_p=0.95, batch_prompts=64),
+    eval=EvalConfig(every=50, samples=4, temperature=0.6, top_p=0.95, batch_prompts=64,
+                    reward="countdown"),
 )

@@ -309,10 +309,11 @@ class EvalConfig:
     temperature 0.6, top-p 0.95) and greedy accuracy."""
 
     every: int = 0  # steps between evaluations (0 = only before and after training)
-    samples: int = 4
+    samples: int = 4  # k: pass@1 is averaged over k samples, cons@k votes over them
     temperature: float = 0.6
     top_p: float = 0.95
     batch_prompts: int = 64
+    reward: str = "accuracy"  # the reward that decides correctness (e.g. "countdown")
 
     def __post_init__(self):
         _check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")

@@ -119,6 +119,7 @@ class Generations:
 def sample_completions(params, cfg: ModelConfig, tok, examples: list[Example], *, template: str,
                        decodings: Sequence[Decoding], max_new_tokens: int, max_prompt_tokens: int,
                        batch_prompts: int, key: jax.Array, bucket: int = 16,
+                       long_prompts: str = "error",
                        progress: Callable[[int], None] | None = None) -> list[Generations]:
     """Format and sample every example under each decoding (one `Generations` per decoding).
 
@@ -132,7 +133,7 @@ def sample_completions(params, cfg: ModelConfig, tok, examples: list[Example], *
                                            top_p=d.top_p, stop_ids=stop, prompt_bucket=bucket),
                         pad_id=tok.pad_token_id) for d in decodings]
     texts = [format_prompt(ex, template, tok) for ex in examples]
-    ids = prompt_ids(tok, texts, examples, max_prompt_tokens)
+    ids = prompt_ids(tok, texts, examples, max_prompt_tokens, long_prompts)
     longest = max(len(i) for i in ids)
     b = min(batch_prompts, len(ids))
     parts: list[tuple[list, list, list]] = [([], [], []) for _ in decodings]
@@ -190,6 +191,7 @@ def evaluate_policy(params, cfg: ModelConfig, tok, examples: list[Example], *, t
                     max_new_tokens: int, max_prompt_tokens: int, batch_prompts: int,
                     key: jax.Array, pass_ks: Sequence[int] | None = None,
                     reward: str = "accuracy", bucket: int = 16, rows: bool = False,
+                    long_prompts: str = "error",
                     progress: Callable[[int], None] | None = None) -> dict:
     """pass@1 over `samples` completions per problem, pass@k for k in `pass_ks` (default
     (1, samples)), cons@k, greedy accuracy, format rate, language consistency, mean length (see
@@ -201,7 +203,7 @@ def evaluate_policy(params, cfg: ModelConfig, tok, examples: list[Example], *, t
         decodings=(Decoding(samples=samples, temperature=temperature, top_p=top_p),
                    Decoding(samples=1, temperature=0.0)),
         max_prompt_tokens=max_prompt_tokens, batch_prompts=batch_prompts, key=key, bucket=bucket,
-        progress=progress)
+        long_prompts=long_prompts, progress=progress)
     return score_generations(examples, sampled, greedy, reward=reward, pass_ks=ks, rows=rows)
 
 
@@ -336,9 +338,16 @@ def policy_dir(path: str | Path) -> str:
     return str(p)
 
 
-def resolve_policy(path: str | Path, *, say: Callable[[str], None] = print):
+def resolve_policy(path: str | Path, *, step: int | None = None,
+                   say: Callable[[str], None] = print):
     """(cfg, params, tokenizer) of the policy at `path` (see `policy_dir`): the one place that
-    turns a path into a policy."""
+    turns a path into a policy. `step` picks an orbax checkpoint of a grpo-jax run directory."""
+    if step is not None:
+        from grpo_jax.checkpoints import load_policy
+
+        cfg, params, tok, step = load_policy(path, step)
+        say(f"{path}: using its checkpoint at step {step}")
+        return cfg, jax.tree.map(jnp.asarray, params), tok
     d = policy_dir(path)
     if Path(d) != Path(path).expanduser():
         say(f"{path} is a grpo-jax run directory: using its final policy {d}")
@@ -356,6 +365,7 @@ class PolicyArgs:
     the template and the token limits default to the run's own config."""
 
     model: str  # Hugging Face directory, hub id, or grpo-jax run directory (uses RUN/hf_model)
+    step: int | None = None  # with a run directory: its orbax checkpoint at this step
     task: str | None = None  # registered task (arithmetic, countdown, gsm8k, ...); None: the run's
     task_args: str | None = None  # the task's keyword arguments, a JSON object; None: the run's or {}
     template: TemplateName | None = None  # prompt template; None: the run's, else r1_zero
@@ -409,8 +419,8 @@ def prepare(args: PolicyArgs, say: Callable[[str], None]) -> Setup:
         "max_prompt_tokens": (args.max_prompt_tokens if args.max_prompt_tokens is not None
                               else data.get("max_prompt_tokens", 512)),
     }
-    source = policy_dir(args.model)
-    cfg, params, tok = resolve_policy(args.model, say=say)
+    source = policy_dir(args.model) if args.step is None else f"{args.model}@step_{args.step}"
+    cfg, params, tok = resolve_policy(args.model, step=args.step, say=say)
     say(f"policy {source}: {cfg.arch}, {cfg.num_params / 1e6:.1f}M parameters; task {task_name} "
         f"{json.dumps(task_args)}, template {settings['template']}")
     return Setup(cfg=cfg, params=params, tok=tok, source=source, task=task,

@@ -349,7 +349,8 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
     from tqdm import tqdm
 
     from grpo_jax.checkpoints import save_hf_dir, save_policy_files
-    from grpo_jax.trainer import TrainState, evaluate, finish_metrics
+    from grpo_jax.evaluation import evaluate_policy
+    from grpo_jax.trainer import TrainState, finish_metrics
 
     main = jax.process_index() == 0
     eval_examples = task.eval(exp.data.eval_problems)
@@ -358,18 +359,20 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
     def run_eval(params, step):
         bar = tqdm(total=len(eval_examples), desc=f"eval@{step}", disable=not exp.log.progress,
                    leave=False)
-        res = evaluate(params, cfg, tok, eval_examples, template=exp.data.template,
-                       max_new_tokens=exp.sampler.max_new_tokens, samples=exp.eval.samples,
-                       temperature=exp.eval.temperature, top_p=exp.eval.top_p,
-                       key=eval_key, batch_prompts=exp.eval.batch_prompts,
-                       max_prompt_tokens=exp.data.max_prompt_tokens,
-                       long_prompts=exp.data.long_prompts, bucket=exp.sampler.prompt_bucket,
-                       progress=lambda n: bar.update(n - bar.n))
+        res = evaluate_policy(params, cfg, tok, eval_examples, template=exp.data.template,
+                              max_new_tokens=exp.sampler.max_new_tokens, samples=exp.eval.samples,
+                              temperature=exp.eval.temperature, top_p=exp.eval.top_p,
+                              key=eval_key, batch_prompts=exp.eval.batch_prompts,
+                              max_prompt_tokens=exp.data.max_prompt_tokens,
+                              long_prompts=exp.data.long_prompts, reward=exp.eval.reward,
+                              bucket=exp.sampler.prompt_bucket,
+                              progress=lambda n: bar.update(n - bar.n))
         bar.close()
         res["step"] = step
         log.eval(res)
-        say(f"eval @ step {step}: pass@1 {res['pass_at_1']:.3f} (k={exp.eval.samples}), greedy "
-            f"{res['greedy_accuracy']:.3f}, format {res['format_rate']:.3f}, "
+        say(f"eval @ step {step}: pass@1 {res['pass_at_1']:.3f}, cons@{exp.eval.samples} "
+            f"{res['cons_at_k']:.3f}, greedy {res['greedy_accuracy']:.3f}, format "
+            f"{res['format_rate']:.3f}, language {res['language_consistency']:.3f}, "
             f"length {res['mean_length']:.1f}")
         return res
 
