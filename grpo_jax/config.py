@@ -364,11 +364,26 @@ class PretrainConfig:
     lr: float = 3e-3
     template_fraction: float = 0.2
     prompt_loss: bool = False  # also train on the (random, unpredictable) question tokens
+    # Reasoning in words ("4 times 5 is 20") instead of symbols, each step written in a second
+    # script (a Greek transliteration) with probability `second_script`: language mixing.
+    words: bool = False
+    second_script: float = 0.0
 
     def __post_init__(self):
         _check(self.steps >= 1, "pretrain.steps", f"must be >= 1, got {self.steps}")
         _check(0 <= self.template_fraction <= 1, "pretrain.template_fraction",
                f"must be in [0, 1], got {self.template_fraction}")
+        _check(0 <= self.second_script <= 1, "pretrain.second_script",
+               f"must be in [0, 1], got {self.second_script}")
+        _check(self.words or self.second_script == 0, "pretrain.second_script",
+               "needs pretrain.words=True (the second script writes the words)")
+
+    @property
+    def extra_chars(self) -> str:
+        """Characters the built-in tokenizer needs besides its own for this corpus."""
+        from grpo_jax.tasks.corpus import SECOND_SCRIPT_CHARS
+
+        return SECOND_SCRIPT_CHARS if self.second_script > 0 else ""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -22,22 +22,30 @@ import jax
 import numpy as np
 
 from grpo_jax import hf_io, model
-from grpo_jax.config import Experiment, OptimConfig
+from grpo_jax.config import Experiment, OptimConfig, PretrainConfig
 from grpo_jax.plots import plot_metrics
 from grpo_jax.tasks import get_task
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """The module-level `CONFIG` of an experiment file."""
+def load_module(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such experiment file (see experiments/)")
     spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = getattr(mod, "CONFIG", None)
-    if not isinstance(cfg, Experiment):
-        raise TypeError(f"{path}: must define CONFIG = Experiment(...), found {type(cfg).__name__}")
+    return mod
+
+
+def load_experiment(path: str | Path):
+    """The experiment file's `CONFIG = Experiment(...)` or `PIPELINE = Pipeline(...)`."""
+    from grpo_jax.pipeline import Pipeline
+
+    mod = load_module(path)
+    cfg = getattr(mod, "CONFIG", None) or getattr(mod, "PIPELINE", None)
+    if not isinstance(cfg, (Experiment, Pipeline)):
+        raise TypeError(f"{path}: must define CONFIG = Experiment(...) or PIPELINE = Pipeline(...), "
+                        f"found {type(cfg).__name__}")
     return cfg
 
 
@@ -202,7 +210,7 @@ def check_disk_space(run_dir: Path, cfg, exp: Experiment) -> None:
 
 
 def build_policy(exp: Experiment, say):
-    """(cfg, params, tokenizer): loaded from Hugging Face, or initialized (and pretrained)."""
+    """(cfg, params, tokenizer): loaded from Hugging Face, or initialized (to be pretrained)."""
     src = exp.model
     if src.path is not None:
         cfg, params = hf_io.load(src.path, param_dtype=src.param_dtype, compute_dtype=src.compute_dtype)
@@ -210,48 +218,56 @@ def build_policy(exp: Experiment, say):
         tok = hf_io.load_tokenizer(src.path, vocab_size=cfg.vocab_size)
         say(f"loaded {src.path}: {cfg.arch}, {cfg.num_params / 1e6:.1f}M parameters")
         return cfg, jax.tree.map(jax.numpy.asarray, params), tok
-    from grpo_jax.tasks.tokenizers import char_tokenizer
-
-    tok = char_tokenizer(tags=True)
     cfg = dataclasses.replace(src.init, remat=src.remat)
-    if len(tok) > cfg.vocab_size:
-        raise ValueError(f"model.init.vocab_size={cfg.vocab_size} is smaller than the built-in "
-                         f"tokenizer ({len(tok)} tokens)")
+    tok = builtin_tokenizer(cfg, exp.pretrain)
     params = model.init_params(cfg, jax.random.fold_in(jax.random.key(exp.seed), 7))
     say(f"initialized a {cfg.num_params / 1e6:.2f}M-parameter {cfg.arch} model")
     return cfg, params, tok
 
 
-def pretrain(exp: Experiment, cfg, params, tok, task, say, log_path: Path):
-    """The tiny experiments' stand-in for a pretrained base model."""
+def builtin_tokenizer(cfg, pc: PretrainConfig | None):
+    """The character tokenizer of a freshly initialized model (R1 tags as single tokens)."""
+    from grpo_jax.tasks.tokenizers import char_tokenizer
+
+    tok = char_tokenizer(extra_chars=pc.extra_chars if pc is not None else "", tags=True)
+    if len(tok) > cfg.vocab_size:
+        raise ValueError(f"model.init.vocab_size={cfg.vocab_size} is smaller than the built-in "
+                         f"tokenizer ({len(tok)} tokens); raise it to at least {len(tok)}")
+    return tok
+
+
+def pretrain(pc: PretrainConfig, *, seed: int, cfg, params, tok, task, template: str,
+             max_len: int, say, log_path: Path, progress: bool = True):
+    """The tiny experiments' stand-in for a pretrained base model: next-token training on
+    synthetic task text (`tasks.corpus.pretraining_pairs`)."""
     from tqdm import tqdm
 
     from grpo_jax.sft import train_sft
     from grpo_jax.tasks.corpus import pretraining_pairs
 
-    pc = exp.pretrain
     say(f"pretraining on synthetic task text: {pc.steps} steps x {pc.batch_size} documents, "
-        f"{pc.template_fraction:.0%} of them in the R1 answer template")
+        f"{pc.template_fraction:.0%} of them in the R1 answer template"
+        + (f", reasoning in words, {pc.second_script:.0%} of the steps in a second script"
+           if pc.words else ""))
 
     def batch(s):
-        return pretraining_pairs(task, pc.batch_size, seed=exp.seed * 7919 + s + 1,
-                                 template=exp.data.template, template_fraction=pc.template_fraction)
+        return pretraining_pairs(task, pc.batch_size, seed=seed * 7919 + s + 1, template=template,
+                                 template_fraction=pc.template_fraction, words=pc.words,
+                                 second_script=pc.second_script)
 
-    max_len = exp.data.max_prompt_tokens + exp.sampler.max_new_tokens
-    bar = tqdm(total=pc.steps, desc="pretrain", disable=not exp.log.progress, leave=False)
+    bar = tqdm(total=pc.steps, desc="pretrain", disable=not progress, leave=False)
 
-    def progress(s, loss):
+    def step_done(s, loss):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
     res = train_sft(params, cfg, tok, batch, steps=pc.steps, batch_size=pc.batch_size,
                     max_len=max_len, ocfg=OptimConfig(lr=pc.lr, warmup_steps=min(20, pc.steps // 10),
                                                       schedule="cosine", clip_norm=1.0),
-                    prompt_loss=pc.prompt_loss, progress=progress)
+                    prompt_loss=pc.prompt_loss, progress=step_done)
     bar.close()
-    with open(log_path, "w") as f:
-        for i, l in enumerate(res.losses):
-            f.write(json.dumps({"step": i + 1, "loss": l}) + "\n")
+    atomic_write(log_path, "".join(json.dumps({"step": i + 1, "loss": l}) + "\n"
+                                   for i, l in enumerate(res.losses)))
     say(f"pretraining loss {res.losses[0]:.3f} -> {np.mean(res.losses[-10:]):.3f}")
     return res.params
 
@@ -282,9 +298,8 @@ def resume_policy(exp: Experiment, run_dir: Path):
     """(cfg, tokenizer) of a run being resumed: its weights come from the checkpoint."""
     src = exp.model
     if src.path is None:
-        from grpo_jax.tasks.tokenizers import char_tokenizer
-
-        return dataclasses.replace(src.init, remat=src.remat), char_tokenizer(tags=True)
+        cfg = dataclasses.replace(src.init, remat=src.remat)
+        return cfg, builtin_tokenizer(cfg, exp.pretrain)
     policy = run_dir / "policy"
     cfg = hf_io.config_from_hf(json.loads((policy / "config.json").read_text()),
                                param_dtype=src.param_dtype, compute_dtype=src.compute_dtype)
@@ -378,7 +393,11 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
 
     if resume is None:
         if exp.pretrain is not None:
-            params = pretrain(exp, cfg, params, tok, task, say, run_dir / "pretrain_metrics.jsonl")
+            params = pretrain(exp.pretrain, seed=exp.seed, cfg=cfg, params=params, tok=tok,
+                              task=task, template=exp.data.template,
+                              max_len=exp.data.max_prompt_tokens + exp.sampler.max_new_tokens,
+                              say=say, log_path=run_dir / "pretrain_metrics.jsonl",
+                              progress=exp.log.progress)
         if main:
             save_policy_files(run_dir, cfg, tok)
         state = trainer.init_state(params)
@@ -507,6 +526,24 @@ def main(argv: list[str]) -> None:
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     path, rest = argv[0], argv[1:]
     base = load_experiment(path)
+    from grpo_jax.pipeline import Pipeline, run_pipeline
+
+    if isinstance(base, Pipeline):
+        args = tyro.cli(PipelineArgs, args=rest, prog=f"grpo-jax run {path}",
+                        config=(tyro.conf.FlagConversionOff,))
+        pipe = dataclasses.replace(base, run_dir=args.run_dir or base.run_dir,
+                                   progress=args.progress)
+        run_pipeline(pipe, name=Path(path).stem, only=args.stage)
+        return
     exp = tyro.cli(Experiment, default=base, args=rest, prog=f"grpo-jax run {path}",
                    config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands))
     run(exp, name=Path(path).stem)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineArgs:
+    """A pipeline experiment: all stages in order (complete ones are skipped), or one stage."""
+
+    run_dir: str | None = None  # default: the pipeline's run_dir, else runs/NAME
+    stage: str | None = None  # run only this stage (its input stages must be complete)
+    progress: bool = True

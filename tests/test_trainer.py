@@ -13,6 +13,7 @@ from grpo_jax import model as M
 from grpo_jax.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment, GRPOConfig,
                              LogConfig, ModelConfig, ModelSource, OptimConfig, PretrainConfig,
                              RewardConfig, SamplerConfig)
+from grpo_jax.pipeline import Pipeline
 from grpo_jax.runner import load_experiment, run
 from grpo_jax.tasks import get_task
 from grpo_jax.tasks.tokenizers import char_tokenizer
@@ -168,7 +169,7 @@ def test_every_experiment_file_loads():
     files = sorted((ROOT / "experiments").glob("*.py"))
     assert files
     for f in files:
-        assert isinstance(load_experiment(f), Experiment)
+        assert isinstance(load_experiment(f), (Experiment, Pipeline))
 
 
 def test_tiny_experiment_runs_end_to_end(tmp_path):
