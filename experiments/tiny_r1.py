@@ -13,6 +13,7 @@ DeepSeek-R1-Zero. Then, as in the paper (SPEC.md section 4):
                 in one script and not repetitive
   sft_r1        SFT of the base on the accepted samples plus the curated set
   r1            GRPO from sft_r1 for all scenarios: rule rewards plus a model-based reward
+                (the cold-start model as a yes/no judge)
   distill_data  samples of r1 (the teacher), filtered the same way
   student       SFT of a smaller pretrained base on the teacher's samples (distillation)
   student_cold_start_only  the same student base, SFT on the curated set only (the control)
@@ -26,7 +27,7 @@ Expect: see docs/benchmarks.md for the measured table; report.md and summary.jso
 from grpo_jax.config import (DataConfig, EvalConfig, Experiment, GRPOConfig, LogConfig, ModelConfig,
                              ModelSource, OptimConfig, PretrainConfig, RewardConfig, SamplerConfig)
 from grpo_jax.pipeline import (EvalStage, GRPOStage, Pipeline, PretrainStage, RejectionStage,
-                               SFTStage)
+                               SFTStage, StageModelReward)
 from grpo_jax.rejection import RejectionConfig
 from grpo_jax.sft import SFTConfig
 
@@ -58,6 +59,11 @@ def sft(epochs: int, lr: float, batch_size: int = 16) -> SFTConfig:
 
 RULES = (("accuracy", 1.0), ("format", 0.3))
 LANGUAGE = RULES + (("language", 0.2),)  # r_acc + 0.3 r_fmt + 0.2 r_lang (SPEC.md section 3)
+# The all-scenarios stage's model-based reward: the cold-start model asked whether a response is
+# right, p(Y) / (p(Y) + p(N)). A model this small was never taught to judge, so in the miniature
+# this reward exercises the mechanics (batched, jitted scoring beside the rule rewards) with a
+# small weight; it carries little signal.
+JUDGE_PROMPT = "User: {question} Assistant:{response} User: Is this right? Assistant: "
 FILTER = RejectionConfig(samples_per_prompt=4, temperature=0.6, top_p=0.95, max_new_tokens=MAX_NEW)
 
 PIPELINE = Pipeline(
@@ -77,7 +83,10 @@ PIPELINE = Pipeline(
         RejectionStage(name="rejection", policy="reasoning_rl", prompts=256, rejection=FILTER),
         SFTStage(name="sft_r1", policy="base", curated=64, datasets=("rejection",),
                  sft=sft(epochs=2, lr=1e-3)),
-        GRPOStage(name="r1", policy="sft_r1", experiment=grpo(30, LANGUAGE)),
+        GRPOStage(name="r1", policy="sft_r1", experiment=grpo(30, LANGUAGE + (("judge", 0.1),)),
+                  model_rewards=(StageModelReward(name="judge", stage="cold_start", options=(
+                      ("prompt_template", JUDGE_PROMPT), ("yes_tokens", ("Y",)),
+                      ("no_tokens", ("N",)), ("max_len", 160))),)),
         RejectionStage(name="distill_data", policy="r1", prompts=512, rejection=FILTER),
         SFTStage(name="student", policy="student_base", datasets=("distill_data",),
                  sft=sft(epochs=3, lr=2e-3)),

@@ -3,6 +3,8 @@
 `load(path)` reads `config.json` into a `ModelConfig` and `model.safetensors` (or a sharded
 `model.safetensors.index.json`) into weights; tensors are memory-mapped and cast one at a time.
 `save(params, cfg, path)` writes a directory that `transformers.AutoModelForCausalLM` loads.
+`load_sequence_classifier(path)` reads a `*ForSequenceClassification` checkpoint (reward models):
+the same backbone plus its `score` head.
 """
 
 from __future__ import annotations
@@ -228,12 +230,29 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None,
     """(cfg, params) from a Hugging Face directory or hub id; tensors cast to `param_dtype`
     (default: the checkpoint's dtype). Params are host numpy arrays; `jax.device_put` them with
     the shardings you want."""
+    cfg, params, _, _ = _load(path, param_dtype, compute_dtype, head="lm_head")
+    return cfg, params
+
+
+def load_sequence_classifier(path: str | os.PathLike, *, param_dtype: str | None = None,
+                             compute_dtype: str | None = None) -> tuple[ModelConfig, dict, np.ndarray, dict]:
+    """(cfg, params, score_DxC, hf_config) from a `*ForSequenceClassification` checkpoint
+    (`Qwen2ForSequenceClassification`, `LlamaForSequenceClassification`, ...): the backbone under
+    `model.`, and the head `score.weight` [C, D] (C = num_labels, no bias), returned transposed as
+    [D, C]. `params` has no "lm_head" (such a checkpoint has none): use it with `model.hidden`,
+    not `model.forward`. `hf_config` is the parsed config.json (for `pad_token_id`)."""
+    cfg, params, score, hf = _load(path, param_dtype, compute_dtype, head="score")
+    return cfg, params, score, hf
+
+
+def _load(path, param_dtype, compute_dtype, *, head: str):
+    """Shared body of `load` (head="lm_head") and `load_sequence_classifier` (head="score")."""
     d = resolve(path)
     if not (d / "config.json").exists():
         raise CheckpointError(f"{d}: config.json is missing; a Hugging Face model directory needs "
                               "config.json and model.safetensors")
-    cfg = config_from_hf(json.loads((d / "config.json").read_text()), param_dtype=param_dtype,
-                         compute_dtype=compute_dtype)
+    hf = json.loads((d / "config.json").read_text())
+    cfg = config_from_hf(hf, param_dtype=param_dtype, compute_dtype=compute_dtype)
     tensors = _open_checkpoint(d)
     from grpo_jax.model import param_shapes
 
@@ -243,19 +262,32 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None,
 
     expected = {"model.embed_tokens.weight": shapes["embed"].shape,
                 "model.norm.weight": shapes["final_norm"].shape}
-    if not cfg.tie_word_embeddings:
+    if head == "score":
+        # A classifier has no LM head, tied or not: only the [num_labels, D] score matrix.
+        labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2  # transformers' default
+        expected["score.weight"] = (labels, cfg.hidden_size)
+    elif not cfg.tie_word_embeddings:
         expected["lm_head.weight"] = shapes["lm_head"].shape[::-1]
     for i in range(cfg.num_layers):
         for key, (suffix, _, _) in lmap.items():
             expected[f"model.layers.{i}.{suffix}"] = _hf_shape(cfg, key, shapes["layers"][key].shape[1:])
     present = {n for n in tensors if not n.endswith(_IGNORED_SUFFIXES)}
-    if cfg.tie_word_embeddings:
+    if head == "lm_head" and cfg.tie_word_embeddings:
         present.discard("lm_head.weight")  # some exporters write the tied copy too
     missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
     if missing or unexpected:
+        hint = ""
+        if head == "lm_head" and "score.weight" in unexpected:
+            hint = (" This is a *ForSequenceClassification checkpoint (score.weight): read it with "
+                    "hf_io.load_sequence_classifier, or register it as a reward with "
+                    "grpo_jax.rewards.model_based.register_model_reward(kind='reward_model').")
+        elif head == "score" and "score.weight" in missing:
+            hint = (" A sequence classifier needs score.weight [num_labels, hidden_size]; "
+                    "a causal LM is read with hf_io.load.")
         raise CheckpointError(f"{d}: checkpoint does not match config.json ({cfg.arch}); "
                               f"missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-                              f"unexpected tensors: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+                              f"unexpected tensors: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+                              f"{hint}")
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != tuple(shape):
             raise CheckpointError(f"{d}: tensor {name} has shape {tuple(tensors[name].shape)}, "
@@ -269,9 +301,12 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None,
               for key, (suffix, to_ours, _) in lmap.items()}
     params = {"embed": get("model.embed_tokens.weight"), "layers": layers,
               "final_norm": get("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
+    score = None
+    if head == "score":
+        score = np.ascontiguousarray(get("score.weight").T)
+    elif not cfg.tie_word_embeddings:
         params["lm_head"] = get("lm_head.weight").T
-    return cfg, params
+    return cfg, params, score, hf
 
 
 def save(params: dict, cfg: ModelConfig, path: str | os.PathLike, *, tokenizer=None,

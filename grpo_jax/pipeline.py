@@ -24,7 +24,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Literal, Union
 
 import jax
 import numpy as np
@@ -56,10 +56,22 @@ class SFTStage:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class StageModelReward:
+    """A model-based reward (`rewards.model_based`) whose model is an earlier stage's policy,
+    registered under `name` before the GRPO stage runs, so `experiment.rewards` can weigh it."""
+
+    name: str
+    stage: str
+    kind: Literal["judge", "reward_model"] = "judge"
+    options: tuple[tuple[str, Any], ...] = ()  # JudgeSpec / RewardModelSpec fields
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOStage:
     name: str
     policy: str
     experiment: Experiment  # its model, data and run_dir are set by the pipeline
+    model_rewards: tuple[StageModelReward, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,6 +112,7 @@ class Pipeline:
                    f"stage names must be unique identifiers, got {st.name!r}")
             refs = [getattr(st, "policy", None), getattr(st, "teacher", None)]
             refs += [s for _, s in getattr(st, "policies", ())]
+            refs += [m.stage for m in getattr(st, "model_rewards", ())]
             for ref in filter(None, refs):
                 _check(isinstance(seen.get(ref), POLICY_STAGES), f"stages.{st.name}",
                        f"takes a policy from {ref!r}, which is not an earlier pretrain, SFT or "
@@ -151,7 +164,8 @@ class PipelineRun:
 
     def run_stage(self, st: Stage) -> dict:
         inputs = [getattr(st, "policy", None), getattr(st, "teacher", None),
-                  *getattr(st, "datasets", ()), *(s for _, s in getattr(st, "policies", ()))]
+                  *getattr(st, "datasets", ()), *(s for _, s in getattr(st, "policies", ())),
+                  *(m.stage for m in getattr(st, "model_rewards", ()))]
         for name in filter(None, inputs):
             if self.done(name) is None:
                 raise FileNotFoundError(f"stage {name!r} has not finished, and stage {st.name!r} "
@@ -228,7 +242,12 @@ class PipelineRun:
                 "heldout": res.heldout, "padding_fraction": res.padding_fraction}
 
     def _GRPOStage(self, st: GRPOStage, d: Path) -> dict:
+        from grpo_jax.rewards.model_based import register_model_reward
         from grpo_jax.runner import run
+
+        for m in st.model_rewards:
+            register_model_reward(m.name, m.kind, path=self.stage_dir(m.stage) / "hf_model",
+                                  overwrite=True, **dict(m.options))
 
         src = dataclasses.replace(st.experiment.model, path=str(self.stage_dir(st.policy) / "hf_model"),
                                   init=None)

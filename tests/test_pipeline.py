@@ -9,7 +9,7 @@ import pytest
 from grpo_jax.config import (DataConfig, EvalConfig, Experiment, GRPOConfig, LogConfig, ModelConfig,
                              ModelSource, OptimConfig, PretrainConfig, RewardConfig, SamplerConfig)
 from grpo_jax.pipeline import (EvalStage, GRPOStage, Pipeline, PipelineRun, PretrainStage,
-                               RejectionStage, SFTStage, run_pipeline)
+                               RejectionStage, SFTStage, StageModelReward, run_pipeline)
 from grpo_jax.rejection import RejectionConfig, read_dataset
 from grpo_jax.sft import SFTConfig
 
@@ -42,7 +42,11 @@ def _pipeline_fields(tmp_path) -> dict:
             PretrainStage(name="base", model=TINY, max_len=64, pretrain=PretrainConfig(
                 steps=3, batch_size=8, words=True, second_script=0.5)),
             SFTStage(name="cold_start", policy="base", curated=8, sft=SFT),
-            GRPOStage(name="rl", policy="cold_start", experiment=GRPO),
+            GRPOStage(name="rl", policy="cold_start", experiment=dataclasses.replace(
+                GRPO, rewards=RewardConfig(weights=GRPO.rewards.weights + (("judge", 0.1),))),
+                model_rewards=(StageModelReward(name="judge", stage="base", options=(
+                    ("prompt_template", "User: {question} Assistant:{response} Right? "),
+                    ("yes_tokens", ("Y",)), ("no_tokens", ("N",)))),)),
             RejectionStage(name="rejection", policy="rl", prompts=6, rejection=LOOSE,
                            batch_prompts=8),
             SFTStage(name="sft2", policy="base", curated=4, datasets=("rejection",), sft=SFT),
@@ -73,6 +77,10 @@ def test_pipeline_runs_resumes_and_runs_stages_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(PipelineRun, "_SFTStage", real)
     records = run_pipeline(pipe)  # resumes at sft2
     assert {n: (d / n / "stage.json").stat().st_mtime for n in ("base", "rl")} == mtimes
+
+    # The model-based reward (the base model as a yes/no judge) scored the RL stage's samples.
+    rl_rows = [json.loads(l) for l in (d / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["reward/judge"] < 1 for r in rl_rows)
 
     # The SFT stage read the rejection dataset back: its pairs are the accepted rows + curated.
     rows = read_dataset(d / "rejection" / "dataset.jsonl")
