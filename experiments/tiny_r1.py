@@ -20,8 +20,14 @@ DeepSeek-R1-Zero. Then, as in the paper (SPEC.md section 4):
   report        pass@1, cons@4, format rate, language consistency and length of each model
 
 Run:    grpo-jax run experiments/tiny_r1.py            (one stage: --stage NAME)
-Expect: see docs/benchmarks.md for the measured table; report.md and summary.json in the run
-        directory hold it.
+Expect: (held-out, 256 problems x 4 samples at temperature 0.6, top-p 0.95; 2026-11-22, 2-core
+        AMD EPYC shared with other jobs, jax 0.10.2: 13.3 min; docs/tiny_r1/report.md)
+        model                     pass@1  cons@4  format  language  length
+        base                       0.064   0.207   0.125     0.710    39.5
+        r1_zero                    0.305   0.305   0.989     0.627    37.9
+        r1                         0.558   0.586   1.000     1.000    38.2
+        student (distilled)        0.144   0.129   0.990     1.000    38.2
+        student_cold_start_only    0.056   0.051   0.835     0.996    37.5
 """
 
 from grpo_jax.config import (DataConfig, EvalConfig, Experiment, GRPOConfig, LogConfig, ModelConfig,
@@ -64,7 +70,7 @@ LANGUAGE = RULES + (("language", 0.2),)  # r_acc + 0.3 r_fmt + 0.2 r_lang (SPEC.
 # this reward exercises the mechanics (batched, jitted scoring beside the rule rewards) with a
 # small weight; it carries little signal.
 JUDGE_PROMPT = "User: {question} Assistant:{response} User: Is this right? Assistant: "
-FILTER = RejectionConfig(samples_per_prompt=4, temperature=0.6, top_p=0.95, max_new_tokens=MAX_NEW)
+FILTER = RejectionConfig(samples_per_prompt=2, temperature=0.6, top_p=0.95, max_new_tokens=MAX_NEW)
 
 PIPELINE = Pipeline(
     seed=0,
@@ -80,18 +86,18 @@ PIPELINE = Pipeline(
         GRPOStage(name="r1_zero", policy="base", experiment=grpo(60, RULES)),
         SFTStage(name="cold_start", policy="base", curated=64, sft=sft(epochs=4, lr=1e-3)),
         GRPOStage(name="reasoning_rl", policy="cold_start", experiment=grpo(40, LANGUAGE)),
-        RejectionStage(name="rejection", policy="reasoning_rl", prompts=256, rejection=FILTER),
+        RejectionStage(name="rejection", policy="reasoning_rl", prompts=1024, rejection=FILTER),
         SFTStage(name="sft_r1", policy="base", curated=64, datasets=("rejection",),
                  sft=sft(epochs=2, lr=1e-3)),
-        GRPOStage(name="r1", policy="sft_r1", experiment=grpo(30, LANGUAGE + (("judge", 0.1),)),
+        GRPOStage(name="r1", policy="sft_r1", experiment=grpo(30, LANGUAGE + (("judge", 0.1),), lr=1e-4),
                   model_rewards=(StageModelReward(name="judge", stage="cold_start", options=(
                       ("prompt_template", JUDGE_PROMPT), ("yes_tokens", ("Y",)),
                       ("no_tokens", ("N",)), ("max_len", 160))),)),
-        RejectionStage(name="distill_data", policy="r1", prompts=512, rejection=FILTER),
+        RejectionStage(name="distill_data", policy="r1", prompts=2048, rejection=FILTER),
         SFTStage(name="student", policy="student_base", datasets=("distill_data",),
-                 sft=sft(epochs=3, lr=2e-3)),
+                 sft=sft(epochs=4, lr=2e-3)),
         SFTStage(name="student_cold_start_only", policy="student_base", curated=64,
-                 sft=sft(epochs=3, lr=2e-3)),
+                 sft=sft(epochs=4, lr=2e-3)),
         EvalStage(name="report", policies=(
             ("base", "base"), ("r1_zero", "r1_zero"), ("r1", "r1"), ("student", "student"),
             ("student_cold_start_only", "student_cold_start_only"))),

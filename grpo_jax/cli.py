@@ -13,6 +13,8 @@ COMMANDS = {
     "run": "run an experiment file: grpo-jax run experiments/NAME.py [--field value ...]",
     "eval": "pass@1, pass@k, cons@k, greedy, format, language of a model or run -> eval.json/md",
     "rejection-sample": "keep the sampled completions that pass the checks -> JSONL SFT dataset",
+    "plan": "per-device memory of an experiment, and the knobs that make it fit: grpo-jax plan "
+            "experiments/NAME.py --device h100",
     "sweep": "run a grid of overrides x seeds: grpo-jax sweep experiments/NAME.py --grid "
              "grpo.kl_coef=0,0.04 --seeds 2",
     "compare": "curves and a table comparing runs or sweeps: grpo-jax compare SWEEP_DIR ...",
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         from grpo_jax.rejection import rejection_main
 
         rejection_main(rest)
+    if cmd == "plan":
+        from grpo_jax.planner import plan_main
+
+        plan_main(rest)
     if cmd == "sweep":
         from grpo_jax.sweep import sweep_main
 

@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Literal
 
+from grpo_jax.sharding import MeshConfig  # no jax import: configs stay light
+
 DType = Literal["float32", "bfloat16", "float16"]
 Arch = Literal["qwen2", "qwen3", "llama"]
 SUPPORTED_ARCHS: tuple[str, ...] = ("qwen2", "qwen3", "llama")
@@ -253,10 +255,19 @@ class ModelSource:
     param_dtype: DType | None = None  # None: the checkpoint's dtype
     compute_dtype: DType | None = None
     remat: bool = False
+    logits_chunk: int | None = None  # positions per log-prob chunk (None: the model config's);
+    # each chunk holds [rows, logits_chunk, vocab] float32 logits: lower it for large vocabularies
 
     def __post_init__(self):
         _check((self.path is None) != (self.init is None), "model",
                "set exactly one of model.path (a Hugging Face directory or hub id) and model.init")
+        _check(self.logits_chunk is None or self.logits_chunk >= 1, "model.logits_chunk",
+               f"must be >= 1 (or None), got {self.logits_chunk}")
+
+    def apply(self, cfg: ModelConfig) -> ModelConfig:
+        """`cfg` with this source's run-time choices (remat, logits chunk) applied."""
+        chunk = {"logits_chunk": self.logits_chunk} if self.logits_chunk is not None else {}
+        return dataclasses.replace(cfg, remat=self.remat, **chunk)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -387,6 +398,30 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    """Multi-host start-up (`jax.distributed.initialize`). With `coordinator_address` set, every
+    process runs the same command with its own `process_id` (GPU hosts, or several local CPU
+    processes). Without it, "auto" initializes on a multi-host TPU VM slice and under SLURM with
+    several tasks (JAX finds the coordinator itself) and does nothing on one host; "off" never
+    initializes."""
+
+    mode: Literal["auto", "off"] = "auto"
+    coordinator_address: str | None = None  # HOST:PORT of process 0, e.g. 10.0.0.2:1234
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        _check_choice(self.mode, "dist.mode", ("auto", "off"))
+        explicit = (self.coordinator_address, self.num_processes, self.process_id)
+        if any(x is not None for x in explicit):
+            _check(None not in explicit, "dist", "an explicit start needs all three of "
+                   "--dist.coordinator_address HOST:PORT, --dist.num_processes N and "
+                   "--dist.process_id I")
+            _check(0 <= self.process_id < self.num_processes, "dist.process_id",
+                   f"must be in [0, {self.num_processes}), got {self.process_id}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Experiment:
     """One GRPO run. B = `prompts_per_step`, G = `grpo.group_size`, N = B * G completions."""
 
@@ -403,6 +438,8 @@ class Experiment:
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     pretrain: PretrainConfig | None = None
+    mesh: MeshConfig = MeshConfig()  # device mesh when there is more than one device
+    dist: DistConfig = DistConfig()
     run_dir: str | None = None  # None: a new directory under runs/; an existing one resumes
     max_nonfinite_steps: int = 3  # stop after this many steps in a row with skipped updates
     allow_config_change: bool = False  # resume although the config differs from the run's

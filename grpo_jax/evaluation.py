@@ -35,6 +35,7 @@ from grpo_jax.config import ModelConfig, SamplerConfig
 from grpo_jax.rewards import get_reward
 from grpo_jax.rewards.combine import score_completions
 from grpo_jax.rewards.math_answer import answers_match, extract_answer, normalize_answer
+from grpo_jax.sharding import to_host
 from grpo_jax.sampler import Sampler, pad_prompts
 from grpo_jax.tasks import Example, Task, get_task
 from grpo_jax.tasks.templates import TemplateName, format_prompt
@@ -119,7 +120,7 @@ class Generations:
 def sample_completions(params, cfg: ModelConfig, tok, examples: list[Example], *, template: str,
                        decodings: Sequence[Decoding], max_new_tokens: int, max_prompt_tokens: int,
                        batch_prompts: int, key: jax.Array, bucket: int = 16,
-                       long_prompts: str = "error",
+                       long_prompts: str = "error", mesh=None,
                        progress: Callable[[int], None] | None = None) -> list[Generations]:
     """Format and sample every example under each decoding (one `Generations` per decoding).
 
@@ -131,7 +132,7 @@ def sample_completions(params, cfg: ModelConfig, tok, examples: list[Example], *
     stop = (tok.eos_token_id,)
     samplers = [Sampler(cfg, SamplerConfig(max_new_tokens=max_new_tokens, temperature=d.temperature,
                                            top_p=d.top_p, stop_ids=stop, prompt_bucket=bucket),
-                        pad_id=tok.pad_token_id) for d in decodings]
+                        pad_id=tok.pad_token_id, mesh=mesh) for d in decodings]
     texts = [format_prompt(ex, template, tok) for ex in examples]
     ids = prompt_ids(tok, texts, examples, max_prompt_tokens, long_prompts)
     longest = max(len(i) for i in ids)
@@ -144,7 +145,7 @@ def sample_completions(params, cfg: ModelConfig, tok, examples: list[Example], *
                                     pad_id=tok.pad_token_id, min_len=longest)
         k = jax.random.fold_in(key, start)
         for d, sampler, (comps, lengths, truncated) in zip(decodings, samplers, parts):
-            out = jax.device_get(sampler(params, p_tok, p_mask, k, group_size=d.samples))
+            out = to_host(sampler(params, p_tok, p_mask, k, group_size=d.samples))
             n = real * d.samples
             comps += decode(tok, out.tokens[:n], out.lengths[:n])
             lengths.append(np.asarray(out.lengths[:n]))
@@ -191,7 +192,7 @@ def evaluate_policy(params, cfg: ModelConfig, tok, examples: list[Example], *, t
                     max_new_tokens: int, max_prompt_tokens: int, batch_prompts: int,
                     key: jax.Array, pass_ks: Sequence[int] | None = None,
                     reward: str = "accuracy", bucket: int = 16, rows: bool = False,
-                    long_prompts: str = "error",
+                    long_prompts: str = "error", mesh=None,
                     progress: Callable[[int], None] | None = None) -> dict:
     """pass@1 over `samples` completions per problem, pass@k for k in `pass_ks` (default
     (1, samples)), cons@k, greedy accuracy, format rate, language consistency, mean length (see
@@ -203,7 +204,7 @@ def evaluate_policy(params, cfg: ModelConfig, tok, examples: list[Example], *, t
         decodings=(Decoding(samples=samples, temperature=temperature, top_p=top_p),
                    Decoding(samples=1, temperature=0.0)),
         max_prompt_tokens=max_prompt_tokens, batch_prompts=batch_prompts, key=key, bucket=bucket,
-        long_prompts=long_prompts, progress=progress)
+        long_prompts=long_prompts, mesh=mesh, progress=progress)
     return score_generations(examples, sampled, greedy, reward=reward, pass_ks=ks, rows=rows)
 
 

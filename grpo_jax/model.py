@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax.config import ModelConfig
+from grpo_jax.sharding import constrain
 
 Params = dict[str, Any]
 # {"k": (one [B, K, S, Hd] array per layer), "v": same}. One array per layer, so that a decode
@@ -29,6 +30,9 @@ Params = dict[str, Any]
 # in the layout its dot products want, without a transposed copy of the whole cache per step.
 Cache = dict[str, tuple[jax.Array, ...]]
 
+# Logical axes of the activations constrained at block boundaries (no-ops on one device).
+RESIDUAL_AXES = ("batch", "length", "act_embed")  # [B, L, D], between layers
+CACHE_AXES = ("batch", "act_kv_heads", None, None)  # [B, K, S, Hd]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _MASKED = -1e30  # finite, so fully masked rows (left padding) stay NaN-free
 
@@ -182,17 +186,19 @@ def _attn_out_mlp(x, o_BxLxHxHd, lp, cfg: ModelConfig):
         h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).astype(cd)
         gate = jax.nn.silu(jnp.einsum("bld,df->blf", h, lp["w_gate"].astype(cd)))
         up = jnp.einsum("bld,df->blf", h, lp["w_up"].astype(cd))
-        return x + jnp.einsum("blf,fd->bld", gate * up, lp["w_down"].astype(cd)).astype(x.dtype)
+        x = x + jnp.einsum("blf,fd->bld", gate * up, lp["w_down"].astype(cd)).astype(x.dtype)
+    return constrain(x, RESIDUAL_AXES)
 
 
 def _layer(x, lp, *, cfg: ModelConfig, positions, allowed, inv_freq, cache=None, index=0):
-    """One pre-norm block. `cache` is this layer's (k [B, S, K, Hd], v) or None."""
+    """One pre-norm block. `cache` is this layer's (k [B, K, S, Hd], v) or None."""
     with jax.named_scope("attention"):
         q, k, v = _qkv(x, lp, cfg, positions, inv_freq)
         if cache is not None:
             # Write this step's keys/values into their slots (in place: the buffer is donated),
             # then attend over every slot.
-            cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, index, 0))
+            cache = tuple(constrain(jax.lax.dynamic_update_slice(c, new.astype(c.dtype),
+                                                                 (0, 0, index, 0)), CACHE_AXES)
                           for c, new in zip(cache, (k, v)))
             k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
         o = attention(q, k, v, allowed)
@@ -203,13 +209,22 @@ def _over_layers(body, carry, layers, cfg: ModelConfig):
     """`body(carry, layer_params) -> (carry, None)` over the stacked layers: `lax.scan` (compile
     time flat in depth), or a Python loop when `cfg.use_scan` is off (no stacking of per-layer
     activations and gradients; faster for shallow models). Rematerialized if `cfg.remat`."""
-    if cfg.remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+    if cfg.remat:  # outside a scan, XLA would merge the recomputation back unless told not to
+        body = jax.checkpoint(body, prevent_cse=not cfg.use_scan)
     if cfg.use_scan:
         return jax.lax.scan(body, carry, layers)
     for i in range(cfg.num_layers):
         carry, _ = body(carry, jax.tree.map(lambda w: w[i], layers))
     return carry, None
+
+
+def embed_tokens(params: Params, tokens_BxL) -> jax.Array:
+    """Float32 embeddings [B, L, D]. On a mesh, the table is first gathered over its embed dim
+    (FSDP), so that each batch shard looks its rows up locally; looked up straight from the
+    FSDP layout, XLA would have to move the sharding from the embed dim to the batch dim, which
+    it does by replicating the whole activation."""
+    table = constrain(params["embed"], ("vocab", None))
+    return constrain(table[tokens_BxL].astype(jnp.float32), RESIDUAL_AXES)
 
 
 def decoder(params: Params, tokens_BxL, cfg: ModelConfig, *, positions_BxL, allowed_BxLxS,
@@ -220,7 +235,7 @@ def decoder(params: Params, tokens_BxL, cfg: ModelConfig, *, positions_BxL, allo
     time flat in depth, the training path). With one, the L new keys/values are written at cache
     slots [index, index + L) and queries attend over all S slots (`allowed_BxLxS`); the layers
     are unrolled so that each layer's cache buffer is updated in place (the sampling path)."""
-    x = params["embed"][tokens_BxL].astype(jnp.float32)
+    x = embed_tokens(params, tokens_BxL)
     layer = functools.partial(_layer, cfg=cfg, positions=positions_BxL, allowed=allowed_BxLxS,
                               inv_freq=rope_inv_freq(cfg), index=index)
     if cache is not None:
@@ -342,8 +357,7 @@ def grouped_logprobs(params: Params, prompt_BxP, prompt_mask_BxP, comp_NxT, comp
             oc = attention(qc, k, v, allowed_c)
         return (_attn_out_mlp(xp, op, lp, cfg), _attn_out_mlp(xc, oc, lp, cfg)), None
 
-    x0 = (params["embed"][prompt_BxP].astype(jnp.float32),
-          params["embed"][comp_NxT].astype(jnp.float32))
+    x0 = (embed_tokens(params, prompt_BxP), embed_tokens(params, comp_NxT))
     (xp, xc), _ = _over_layers(body, x0, params["layers"], cfg)
     # The prompt's last position predicts completion token 0; completion position t predicts t+1.
     h_last = rms_norm(xp[:, -1:], params["final_norm"], cfg.rms_norm_eps)
@@ -368,15 +382,16 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = No
 
 
 def cached_step(params: Params, tokens_BxL, cfg: ModelConfig, *, cache: Cache, index,
-                positions_BxL, kv_mask_BxS) -> tuple[jax.Array, Cache]:
+                positions_BxL, kv_mask_BxS, last_only: bool = False) -> tuple[jax.Array, Cache]:
     """Run L new tokens against the cache (prefill when L > 1, decode when L = 1).
 
     The new tokens occupy cache slots [index, index + L); `kv_mask_BxS` marks the valid slots,
-    the new ones included. Returns float32 logits of the new tokens [B, L, V] and the cache."""
+    the new ones included. Returns float32 logits of the new tokens [B, L, V] (with `last_only`,
+    of the last one only, [B, 1, V]: a prefill needs no more) and the cache."""
     l, s = tokens_BxL.shape[1], kv_mask_BxS.shape[1]
     q_slot = index + jnp.arange(l)
     causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [L, S]
     allowed = causal[None] & kv_mask_BxS.astype(bool)[:, None, :]
     h, cache = decoder(params, tokens_BxL, cfg, positions_BxL=positions_BxL, allowed_BxLxS=allowed,
                        cache=cache, index=index)
-    return unembed(params, h, cfg), cache
+    return unembed(params, h[:, -1:] if last_only else h, cfg), cache

@@ -214,11 +214,11 @@ def build_policy(exp: Experiment, say):
     src = exp.model
     if src.path is not None:
         cfg, params = hf_io.load(src.path, param_dtype=src.param_dtype, compute_dtype=src.compute_dtype)
-        cfg = dataclasses.replace(cfg, remat=src.remat)
+        cfg = src.apply(cfg)
         tok = hf_io.load_tokenizer(src.path, vocab_size=cfg.vocab_size)
         say(f"loaded {src.path}: {cfg.arch}, {cfg.num_params / 1e6:.1f}M parameters")
         return cfg, jax.tree.map(jax.numpy.asarray, params), tok
-    cfg = dataclasses.replace(src.init, remat=src.remat)
+    cfg = src.apply(src.init)
     tok = builtin_tokenizer(cfg, exp.pretrain)
     params = model.init_params(cfg, jax.random.fold_in(jax.random.key(exp.seed), 7))
     say(f"initialized a {cfg.num_params / 1e6:.2f}M-parameter {cfg.arch} model")
@@ -272,6 +272,21 @@ def pretrain(pc: PretrainConfig, *, seed: int, cfg, params, tok, task, template:
     return res.params
 
 
+def init_distributed(dist) -> None:
+    """`jax.distributed.initialize` as `dist` (config.DistConfig) says, once per process."""
+    if dist.mode == "off" or jax.distributed.is_initialized():
+        return
+    if dist.coordinator_address is not None:
+        # CPU collectives between processes need gloo (no effect on GPU / TPU devices).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
+        return
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if slurm or tpu_pod:  # JAX detects the coordinator and the process ids itself
+        jax.distributed.initialize()
+
+
 class StopRequest:
     """SIGTERM / SIGINT set `requested`; the run checkpoints at the next step boundary and exits
     with PREEMPTED_EXIT. A second SIGINT interrupts at once."""
@@ -298,12 +313,12 @@ def resume_policy(exp: Experiment, run_dir: Path):
     """(cfg, tokenizer) of a run being resumed: its weights come from the checkpoint."""
     src = exp.model
     if src.path is None:
-        cfg = dataclasses.replace(src.init, remat=src.remat)
+        cfg = src.apply(src.init)
         return cfg, builtin_tokenizer(cfg, exp.pretrain)
     policy = run_dir / "policy"
     cfg = hf_io.config_from_hf(json.loads((policy / "config.json").read_text()),
                                param_dtype=src.param_dtype, compute_dtype=src.compute_dtype)
-    return dataclasses.replace(cfg, remat=src.remat), hf_io.load_tokenizer(policy, vocab_size=cfg.vocab_size)
+    return src.apply(cfg), hf_io.load_tokenizer(policy, vocab_size=cfg.vocab_size)
 
 
 def run(exp: Experiment, name: str = "run") -> dict:
@@ -318,6 +333,7 @@ def run(exp: Experiment, name: str = "run") -> dict:
     from grpo_jax.trainer import GRPOTrainer
 
     t_start = time.perf_counter()
+    init_distributed(exp.dist)
     run_dir = make_run_dir(exp, name)
     main = jax.process_index() == 0
 
@@ -346,7 +362,19 @@ def run(exp: Experiment, name: str = "run") -> dict:
     else:
         cfg, tok = resume_policy(exp, run_dir)
     check_disk_space(run_dir, cfg, exp)
-    trainer = GRPOTrainer(exp, cfg, tok, task)
+    mesh = None
+    if jax.device_count() > 1:
+        from grpo_jax.sharding import make_mesh
+
+        mesh = make_mesh(exp.mesh)
+        say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices in "
+            f"{jax.process_count()} process(es)")
+    from grpo_jax.planner import check_fits, fmt_bytes
+
+    plan = check_fits(exp, cfg, mesh_shape=dict(mesh.shape) if mesh is not None else None)
+    say(f"memory plan: {fmt_bytes(plan.total)} per device (peak in {plan.peak_phase}; "
+        f"grpo-jax plan shows the items)")
+    trainer = GRPOTrainer(exp, cfg, tok, task, mesh=mesh)
     log = RunLog(run_dir, exp.log.tensorboard, resume)
     stop = StopRequest(say)
     try:
@@ -365,6 +393,7 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
 
     from grpo_jax.checkpoints import save_hf_dir, save_policy_files
     from grpo_jax.evaluation import evaluate_policy
+    from grpo_jax.sharding import to_host
     from grpo_jax.trainer import TrainState, finish_metrics
 
     main = jax.process_index() == 0
@@ -380,7 +409,7 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
                               key=eval_key, batch_prompts=exp.eval.batch_prompts,
                               max_prompt_tokens=exp.data.max_prompt_tokens,
                               long_prompts=exp.data.long_prompts, reward=exp.eval.reward,
-                              bucket=exp.sampler.prompt_bucket,
+                              bucket=exp.sampler.prompt_bucket, mesh=trainer.mesh,
                               progress=lambda n: bar.update(n - bar.n))
         bar.close()
         res["step"] = step
@@ -401,10 +430,11 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
         if main:
             save_policy_files(run_dir, cfg, tok)
         state = trainer.init_state(params)
-        ref_params = jax.tree.map(jax.numpy.copy, params) if exp.grpo.uses_reference else None
+        # A copy: the update donates the state's buffers (on a mesh, in the training layout).
+        ref_params = jax.tree.map(jax.numpy.copy, state.params) if exp.grpo.uses_reference else None
         wall_before, start, saved = 0.0, 0, None
     else:
-        shapes = jax.eval_shape(lambda: trainer.init_state(model.init_params(cfg, jax.random.key(0))))
+        shapes = trainer.state_shapes()
         targets = {"params": shapes.params, "opt_state": shapes.opt_state}
         if exp.grpo.uses_reference:
             targets["ref_params"] = shapes.params
@@ -492,8 +522,9 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
     if saved != exp.steps:
         save(exp.steps)
     ckpt.wait()
+    host_params = to_host(state.params)  # collective on several processes: all take part
     if main:
-        save_hf_dir(jax.device_get(state.params), cfg, run_dir / "hf_model", tok)
+        save_hf_dir(host_params, cfg, run_dir / "hf_model", tok)
         if rows:
             plot_metrics(rows, run_dir / "curves.png", title=f"{name}: GRPO", evals=evals)
     say(f"saved {ckpt.root}/step_{exp.steps} and the Hugging Face export {run_dir / 'hf_model'}")

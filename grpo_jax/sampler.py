@@ -8,6 +8,10 @@ prompt b); each row then samples independently.
 The KV cache is a preallocated buffer donated to the program and handed back, so a `Sampler`
 reuses the same memory call after call; stale slots are never read because the key mask only
 admits the slots written in this call.
+
+On a mesh (`Sampler(..., mesh=mesh)`) the sampler uses the decoding layout (`SAMPLE_RULES`): the
+weights are resharded for the rollout (tensor-parallel, no FSDP), and the batch and the KV cache
+are split over the data axes.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from grpo_jax import sharding
 from grpo_jax.config import ModelConfig, SamplerConfig
-from grpo_jax.model import Cache, Params, cached_step, init_cache, positions_from_mask, split_layers
+from grpo_jax.model import (CACHE_AXES, Cache, Params, cached_step, init_cache, positions_from_mask,
+                            split_layers)
+from grpo_jax.sharding import Rules, constrain
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -118,7 +126,8 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
         kv_mask = jnp.concatenate([mask_BxP, jnp.zeros((b, t_max), bool)], axis=1)
         positions = positions_from_mask(mask_BxP)
         logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=prompt_cache, index=0,
-                                           positions_BxL=positions, kv_mask_BxS=kv_mask)
+                                           positions_BxL=positions, kv_mask_BxS=kv_mask,
+                                           last_only=True)
         # Prefill each prompt once, then give each of its G rows a copy of the cache.
         rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
         cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(rep(pc[:, :, :p])), cache, prompt_cache)
@@ -153,10 +162,27 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
     truncated = (lengths == t_max) & ~jnp.isin(last_tok, stop_ids)
     out = Samples(tokens=s["tokens"], mask=s["mask"], lengths=lengths, logps=s["logps"],
                   sample_logps=s["sample_logps"], truncated=truncated)
-    return out, s["cache"]
+    # On a mesh: the results split like the batch, the cache as it came in (so that it can be
+    # donated again without a recompile).
+    out = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), out)
+    return out, jax.tree.map(lambda c: constrain(c, CACHE_AXES), s["cache"])
 
 
 _split = jax.jit(split_layers)
+
+
+@functools.lru_cache(maxsize=16)
+def _generate_under(mesh, rules: Rules):
+    """`_generate` tracing with `rules` on `mesh`: one function per layout, so that Samplers of
+    the same layout (e.g. an evaluation's, built per call) share their compiled programs."""
+    return sharding.under_rules(_generate, mesh, rules)
+
+
+def _split_shardings(params_sharding, num_layers: int):
+    """The shardings of `split_layers(params)`: each layer's weight without the layers axis."""
+    layer = jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])),
+                         params_sharding["layers"])
+    return {**params_sharding, "layers": (layer,) * num_layers}
 
 
 class Sampler:
@@ -164,20 +190,36 @@ class Sampler:
 
         sampler = Sampler(cfg, SamplerConfig(max_new_tokens=64, temperature=1.0, stop_ids=(2,)))
         out = sampler(params, tokens_BxP, mask_BxP, key, group_size=8)
+
+    With `mesh`, the params may come in any layout (e.g. the trainer's FSDP one): they are
+    resharded by `rules` (default `SAMPLE_RULES`) for each call; prompts, cache and results are
+    split over the rules' "batch" mesh axes (a dim they do not divide stays replicated).
     """
 
     def __init__(self, cfg: ModelConfig, scfg: SamplerConfig, *, pad_id: int = 0,
-                 cache_dtype: str | None = None):
+                 cache_dtype: str | None = None, mesh=None, rules: Rules = sharding.SAMPLE_RULES):
         self.cfg, self.scfg, self.pad_id, self.cache_dtype = cfg, scfg, pad_id, cache_dtype
+        self.mesh, self.rules = mesh, rules
         self._cache: Cache | None = None
+        fn, self._split = _generate, _split
+        if mesh is not None:
+            fn = _generate_under(mesh, rules)
+            self._split = jax.jit(split_layers, out_shardings=_split_shardings(
+                sharding.param_shardings(cfg, mesh, rules), cfg.num_layers))
         # The cache is donated: XLA writes into the same buffer, which we get back and keep.
-        self._fn = jax.jit(_generate, static_argnames=("cfg", "scfg", "group_size", "pad_id"),
+        self._fn = jax.jit(fn, static_argnames=("cfg", "scfg", "group_size", "pad_id"),
                            donate_argnames=("cache",))
 
     def _buffer(self, rows: int, length: int) -> Cache:
         c = self._cache
         if c is None or c["k"][0].shape[0] != rows or c["k"][0].shape[2] != length:
-            c = init_cache(self.cfg, rows, length, self.cache_dtype)
+            make = functools.partial(init_cache, self.cfg, rows, length, self.cache_dtype)
+            if self.mesh is None:
+                c = make()
+            else:  # created in place, each device holding only its own slice
+                shape = (rows, self.cfg.num_kv_heads, length, self.cfg.hd)
+                c = sharding.init_sharded(make, sharding.activation_sharding(
+                    self.mesh, self.rules, shape, CACHE_AXES))
         self._cache = None
         return c
 
@@ -190,10 +232,14 @@ class Sampler:
         tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(mask_BxP, bool)
         b, p = tokens_BxP.shape
         cache = self._buffer(b * group_size, p + self.scfg.max_new_tokens)
+        if self.mesh is not None:
+            tokens_BxP, mask_BxP = (sharding.place(x, sharding.activation_sharding(
+                self.mesh, self.rules, x.shape, ("batch", None))) for x in (tokens_BxP, mask_BxP))
         # Per-layer weights as separate arguments: sliced inside the program, XLA would copy every
         # layer's weights at every decode step.
-        out, self._cache = self._fn(_split(params), cache, tokens_BxP, mask_BxP, key, cfg=self.cfg,
-                                    scfg=self.scfg, group_size=group_size, pad_id=self.pad_id)
+        out, self._cache = self._fn(self._split(params), cache, tokens_BxP, mask_BxP, key,
+                                    cfg=self.cfg, scfg=self.scfg, group_size=group_size,
+                                    pad_id=self.pad_id)
         return out
 
     def cache_size(self) -> int:

@@ -9,6 +9,10 @@ One step (B prompts, G completions each, N = B * G):
   5. update   (jitted, donated state): `lax.scan` over mu epochs x minibatches, each minibatch's
               gradient accumulated over micro-batches.
 Metrics are fetched one step late, so the device never waits for logging.
+
+On a mesh (`GRPOTrainer(..., mesh=mesh)`), the state lives in the training layout (`rules`,
+default `sharding.TRAIN_RULES`: FSDP + tensor parallel) from `init_state` on, the batch is split
+over the data axes, and the rollout reshards the weights to the decoding layout (`sample_rules`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import optax
 
 from grpo_jax import loss as L
-from grpo_jax import model
+from grpo_jax import model, sharding
 from grpo_jax.config import Experiment, ModelConfig, SamplerConfig
 from grpo_jax.optim import lr_schedule, make_optimizer
 from grpo_jax.rewards import get_reward
@@ -45,14 +49,20 @@ class TrainState:
     step: jax.Array  # optimizer updates so far
 
 
-def prompt_ids(tok, texts: list[str], examples: list[Example], max_tokens: int) -> list[list[int]]:
-    """Token ids of the formatted prompts `texts` (one per example), refusing over-long ones."""
+def prompt_ids(tok, texts: list[str], examples: list[Example], max_tokens: int,
+               long_prompts: str = "error") -> list[list[int]]:
+    """Token ids of the formatted prompts `texts` (one per example); an over-long one is an
+    error, or (long_prompts="truncate") keeps its last `max_tokens` tokens."""
     ids = []
     for text, ex in zip(texts, examples):
         p = tok(text, add_special_tokens=False).input_ids
         if len(p) > max_tokens:
-            raise ValueError(f"prompt of example {ex.get('id')} has {len(p)} tokens, more than "
-                             f"data.max_prompt_tokens={max_tokens}; raise the limit or shorten it")
+            if long_prompts != "truncate":
+                raise ValueError(
+                    f"prompt of example {ex.get('id')} has {len(p)} tokens, more than "
+                    f"data.max_prompt_tokens={max_tokens}; raise the limit, shorten the prompt, "
+                    f"or pass --data.long-prompts truncate")
+            p = p[-max_tokens:]
         ids.append(p)
     return ids
 
@@ -77,14 +87,21 @@ def select_groups(rewards_BxG: np.ndarray, want: int, mode: str) -> tuple[np.nda
 
 class GRPOTrainer:
     """Holds the compiled programs of one experiment. `step(state, ref_params, step)` runs one
-    GRPO iteration and returns the new state and the (host) metrics of this step."""
+    GRPO iteration and returns the new state and the (host) metrics of this step.
 
-    def __init__(self, exp: Experiment, cfg: ModelConfig, tok, task):
+    With a `mesh`, pass the params through `init_state` and the reference params through
+    `place_params` (both lay them out as `rules` say); `sample_rules` is the rollout's layout."""
+
+    def __init__(self, exp: Experiment, cfg: ModelConfig, tok, task, *, mesh=None,
+                 rules: sharding.Rules = sharding.TRAIN_RULES,
+                 sample_rules: sharding.Rules = sharding.SAMPLE_RULES):
         self.exp, self.cfg, self.tok, self.task = exp, cfg, tok, task
+        self.mesh, self.rules = mesh, rules
         g = exp.grpo
         self.stop_ids = tuple(exp.sampler.stop_ids) or (tok.eos_token_id,)
         self.scfg = dataclasses.replace(exp.sampler, stop_ids=self.stop_ids)
-        self.sampler = Sampler(cfg, self.scfg, pad_id=tok.pad_token_id)
+        self.sampler = Sampler(cfg, self.scfg, pad_id=tok.pad_token_id, mesh=mesh,
+                               rules=sample_rules)
         self.reuse_rollout = g.mu * g.minibatches > 1  # then old log-probs must be stored
         updates = exp.steps * g.mu * g.minibatches
         self.tx = make_optimizer(exp.optim, max(updates, 1))
@@ -92,8 +109,28 @@ class GRPOTrainer:
         self.rewards = {name: w for name, w in exp.rewards.weights}
         for name in self.rewards:
             get_reward(name)  # fail now, not at the first step, on a misspelled name
-        self._score = jax.jit(self._score_fn)
-        self._update = jax.jit(self._update_fn, donate_argnums=(0,))
+        self.state_sharding = self.batch_sharding = None
+        if mesh is None:
+            self._score = jax.jit(self._score_fn)
+            self._update = jax.jit(self._update_fn, donate_argnums=(0,))
+        else:
+            self.batch_sharding = sharding.batch_sharding(mesh, rules)
+            shards = sharding.batch_parallelism(mesh, rules)
+            if exp.prompts_per_step % shards:
+                raise ValueError(f"prompts_per_step: {exp.prompts_per_step} prompts do not split "
+                                 f"over the mesh's {shards} batch shards (mesh axes "
+                                 f"{self.batch_sharding.spec[0]})")
+            params_sh = sharding.param_shardings(cfg, mesh, rules)
+            self.state_sharding = TrainState(
+                params=params_sh, step=sharding.replicated(mesh),
+                opt_state=sharding.opt_state_shardings(self.tx, params_sh, model.param_shapes(cfg)))
+            # Explicit output shardings: the state keeps its layout step after step, so that the
+            # donated input buffers are reused and the next call does not recompile.
+            self._score = jax.jit(sharding.under_rules(self._score_fn, mesh, rules),
+                                  out_shardings=self.batch_sharding)
+            self._update = jax.jit(sharding.under_rules(self._update_fn, mesh, rules),
+                                   donate_argnums=(0,),
+                                   out_shardings=(self.state_sharding, sharding.replicated(mesh)))
         # Named PRNG streams; a step's key is fold_in(stream, step), so resuming at a step
         # reproduces its samples. The data stream is the task's own seed: seed * 1_000_003 + step.
         self.keys = dict(zip(("rollout", "update"), jax.random.split(jax.random.key(exp.seed), 2)))
@@ -110,11 +147,42 @@ class GRPOTrainer:
                                       return_entropy=return_entropy)
 
     def _score_fn(self, params, batch):
-        """Completion log-probs [B, G, T] under `params` (no gradient is ever taken of this)."""
-        return self._logprobs(params, batch).reshape(batch["comp"].shape)
+        """Completion log-probs [B, G, T] under `params` (no gradient is ever taken of this),
+        computed `optim.micro_batches` groups of prompts at a time, like the update."""
+        k = self.exp.optim.micro_batches
+        one = lambda mb: self._logprobs(params, mb).reshape(mb["comp"].shape)
+        if k == 1:
+            return one(batch)
+        micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+        return jax.lax.map(one, micro).reshape(batch["comp"].shape)
 
     def init_state(self, params) -> TrainState:
-        return TrainState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0))
+        """The training state of `params`; on a mesh placed in the training layout, the optimizer
+        state created already sharded."""
+        if self.mesh is None:
+            return TrainState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0))
+        sh = self.state_sharding
+        params = self.place_params(params)
+        return TrainState(params=params,
+                          opt_state=jax.jit(self.tx.init, out_shardings=sh.opt_state)(params),
+                          step=sharding.place(np.int32(0), sh.step))
+
+    def state_shapes(self) -> TrainState:
+        """Shapes, dtypes and (on a mesh) shardings of the state: a checkpoint restore target."""
+        params = model.param_shapes(self.cfg)
+        shapes = TrainState(params=params, opt_state=jax.eval_shape(self.tx.init, params),
+                            step=jax.ShapeDtypeStruct((), jnp.int32))
+        if self.mesh is None:
+            return shapes
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_sharding)
+
+    def place_params(self, params):
+        """`params` (host or device arrays) in the training layout, e.g. the reference model's;
+        unchanged without a mesh."""
+        if self.mesh is None:
+            return params
+        return sharding.place(params, self.state_sharding.params)
 
     def _loss_fn(self, params, mb, weight):
         """The GRPO loss of a group-major minibatch (arrays [b, G, ...], prompts [b, P])."""
@@ -196,12 +264,13 @@ class GRPOTrainer:
         n_prompts = math.ceil(b * g.dynamic_oversample) if g.zero_std == "dynamic" else b
         examples = self.task.train(n_prompts, seed=exp.seed * 1_000_003 + step)
         prompts_text = [format_prompt(ex, exp.data.template, self.tok) for ex in examples]
-        ids = prompt_ids(self.tok, prompts_text, examples, exp.data.max_prompt_tokens)
+        ids = prompt_ids(self.tok, prompts_text, examples, exp.data.max_prompt_tokens,
+                         exp.data.long_prompts)
         p_tok, p_mask = pad_prompts(ids, bucket=self.scfg.prompt_bucket, pad_id=self.tok.pad_token_id)
         with jax.named_scope("rollout"):
             out = self.sampler(state.params, p_tok, p_mask,
                                jax.random.fold_in(self.keys["rollout"], step), group_size=g.group_size)
-            out = jax.device_get(out)
+            out = sharding.to_host(out)
         t_roll = time.perf_counter() - t0
 
         completions = decode(self.tok, out.tokens, out.lengths)
@@ -236,6 +305,8 @@ class GRPOTrainer:
         logps_ok = bool(np.isfinite(np.where(gen_mask, batch["sampler_logps"].reshape(gen_mask.shape),
                                              0.0)).all())
         if logps_ok:
+            if self.mesh is not None:
+                batch = sharding.place(batch, self.batch_sharding)
             with jax.named_scope("score"):
                 if g.uses_reference:
                     batch["ref_logps"] = self._score(ref_params, batch)
@@ -286,6 +357,7 @@ def finish_metrics(dev_metrics: dict, host: dict) -> dict:
 def evaluate(params, cfg: ModelConfig, tok, examples: list[Example], *, template: str,
              max_new_tokens: int, samples: int, temperature: float, top_p: float, key,
              batch_prompts: int, max_prompt_tokens: int, bucket: int = 16,
+             long_prompts: str = "error",
              progress: Callable[[int], None] | None = None) -> dict:
     """pass@1 averaged over `samples` completions per problem, greedy accuracy, format rate and
     mean length, on held-out examples. Batches are padded to one shape: no recompiles."""
@@ -296,7 +368,7 @@ def evaluate(params, cfg: ModelConfig, tok, examples: list[Example], *, template
     greedy = Sampler(cfg, SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0,
                                         stop_ids=stop, prompt_bucket=bucket), pad_id=tok.pad_token_id)
     texts = [format_prompt(ex, template, tok) for ex in examples]
-    ids = prompt_ids(tok, texts, examples, max_prompt_tokens)
+    ids = prompt_ids(tok, texts, examples, max_prompt_tokens, long_prompts)
     longest = max(len(i) for i in ids)
     acc, fmt, lengths, greedy_acc = [], [], [], []
     acc_fn, fmt_fn = get_reward("accuracy"), get_reward("format")

@@ -1,0 +1,69 @@
+"""Multi-host: a 2-process run (two local processes, gloo CPU collectives, coordinator on
+127.0.0.1) produces the metrics of a 1-process run over the same global mesh of 4 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from test_reliability import EXPERIMENT_FILE, TIMING
+
+EXP = (EXPERIMENT_FILE.replace("steps=6", "steps=2").replace("mu=2", "mu=1")
+       .replace("checkpoint=CheckpointConfig(every=2, keep=2)", "checkpoint=CheckpointConfig(keep=1)"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(exp_file, run_dir, *extra):
+    return [sys.executable, "-m", "grpo_jax.cli", "run", str(exp_file), "--run-dir", str(run_dir),
+            "--log.progress", "False", *extra]
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _rows(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith(TIMING)}
+            for line in path.read_text().splitlines()]
+
+
+def test_two_processes_equal_one_process_over_the_same_mesh(tmp_path):
+    exp_file = tmp_path / "exp.py"
+    exp_file.write_text(EXP)
+    one = subprocess.run(_cmd(exp_file, tmp_path / "one"), env=_env(4), capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1} over 4 devices in 1 process(es)" in one.stdout
+
+    port = _free_port()
+    procs = [subprocess.Popen(_cmd(exp_file, tmp_path / "two", "--dist.coordinator_address",
+                                   f"127.0.0.1:{port}", "--dist.num_processes", "2",
+                                   "--dist.process_id", str(i)),
+                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "over 4 devices in 2 process(es)" in outs[0]
+    assert "[grpo-jax]" not in outs[1]  # only process 0 speaks and writes logs
+
+    a, b = _rows(tmp_path / "one" / "metrics.jsonl"), _rows(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:  # rewards, lengths and counts exactly; device reductions to float32 rounding
+            if isinstance(ra[k], float) and k not in ("reward", "reward_std", "response_length"):
+                np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-7, err_msg=k)
+            else:
+                assert ra[k] == rb[k], k
+    assert _rows(tmp_path / "one" / "eval.jsonl") == _rows(tmp_path / "two" / "eval.jsonl")
