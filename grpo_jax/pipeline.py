@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal, Union
 import jax
 import numpy as np
 
-from grpo_jax.config import (DataConfig, EvalConfig, Experiment, ModelConfig, ModelSource,
+from grpo_jax.config import (DataConfig, EvalConfig, Experiment, ModelConfig,
                              PretrainConfig, _check)
 from grpo_jax.rejection import RejectionConfig
 from grpo_jax.sft import SFTConfig
@@ -138,10 +138,10 @@ class Pipeline:
 class PipelineRun:
     """One pipeline in one run directory."""
 
-    def __init__(self, pipe: Pipeline, run_dir: Path, say: Callable[[str], None]):
+    def __init__(self, pipe: Pipeline, run_dir: Path, say: Callable[[str], None], stop=None):
         from grpo_jax.tasks import get_task
 
-        self.pipe, self.dir, self.say = pipe, run_dir, say
+        self.pipe, self.dir, self.say, self.stop = pipe, run_dir, say, stop
         self.task = get_task(pipe.data.task, **pipe.data.task_kwargs)
 
     def stage_dir(self, name: str) -> Path:
@@ -186,6 +186,13 @@ class PipelineRun:
         self.say(f"stage {st.name} done in {record['wall_s']:.0f}s")
         return record
 
+    def preempt(self, stage: str):
+        from grpo_jax.runner import PREEMPTED_EXIT, Preempted
+
+        self.say(f"stopping in stage {stage}; it reruns from its start on resume; exiting with "
+                 f"code {PREEMPTED_EXIT}")
+        raise Preempted(PREEMPTED_EXIT)
+
     def _save_policy(self, params, cfg, tok, d: Path) -> None:
         from grpo_jax.checkpoints import save_hf_dir
 
@@ -222,15 +229,16 @@ class PipelineRun:
         if not pairs:
             raise ValueError(f"stage {st.name}: no training pairs (curated=0 and the datasets "
                              f"{list(st.datasets)} are empty)")
-        losses = []
+        def progress(step, loss):  # a stop request abandons the stage (rerun from its start)
+            if self.stop is not None and self.stop.requested:
+                self.preempt(st.name)
+
         if st.teacher is None:
-            res = train_sft_dataset(params, cfg, tok, pairs, st.sft,
-                                    progress=lambda s, l: losses.append(l))
+            res = train_sft_dataset(params, cfg, tok, pairs, st.sft, progress=progress)
         else:
             t_cfg, t_params, _ = self.policy(st.teacher)
             res = distill_logits(params, cfg, t_params, t_cfg, tok, pairs, st.sft,
-                                 kl_weight=st.kl_weight, ce_weight=st.ce_weight,
-                                 progress=lambda s, l: losses.append(l))
+                                 kl_weight=st.kl_weight, ce_weight=st.ce_weight, progress=progress)
         from grpo_jax.runner import atomic_write
 
         atomic_write(d / "sft_metrics.jsonl", "".join(
@@ -303,14 +311,13 @@ def run_pipeline(pipe: Pipeline, name: str = "pipeline", *, only: str | None = N
     """Run the stages in order, skipping complete ones (or only the stage `only`, whose inputs
     must exist). Returns {stage name: its stage.json record}; writes report.md and summary.json
     when an EvalStage has run."""
-    from tqdm import tqdm
-
-    from grpo_jax.runner import ConfigMismatch, atomic_write, config_diff, config_dict
+    from grpo_jax.runner import (ConfigMismatch, StopRequest, atomic_write, config_diff,
+                                 config_dict, say_line)
 
     t0 = time.perf_counter()
     run_dir = Path(pipe.run_dir or f"runs/{name}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    say = lambda m: (tqdm.write if pipe.progress else print)(f"[grpo-jax] {m}", flush=True)
+    say = lambda m: say_line(f"[grpo-jax] {m}", pipe.progress)
     definition = config_dict(pipe)
     if (run_dir / "pipeline.json").exists():
         diff = config_diff(json.loads((run_dir / "pipeline.json").read_text()), definition)
@@ -319,16 +326,22 @@ def run_pipeline(pipe: Pipeline, name: str = "pipeline", *, only: str | None = N
             raise ConfigMismatch(f"{run_dir} holds a pipeline with another definition:\n  "
                                  + "\n  ".join(diff) + "\nUse a new --run-dir.")
     atomic_write(run_dir / "pipeline.json", json.dumps(definition, indent=2))
-    pr = PipelineRun(pipe, run_dir, say)
+    stop = StopRequest(say)  # SIGTERM / SIGINT: stop at the next step, exit 75, resume later
+    pr = PipelineRun(pipe, run_dir, say, stop)
     records = {}
     stages = [pipe.stage(only)] if only else pipe.stages
-    for st in stages:
-        rec = pr.done(st.name)
-        if rec is not None and only is None:
-            say(f"stage {st.name}: complete, skipped")
-        else:
-            rec = pr.run_stage(st)
-        records[st.name] = rec
+    try:
+        for st in stages:
+            rec = pr.done(st.name)
+            if rec is not None and only is None:
+                say(f"stage {st.name}: complete, skipped")
+            else:
+                if stop.requested:
+                    pr.preempt(st.name)
+                rec = pr.run_stage(st)
+            records[st.name] = rec
+    finally:
+        stop.restore()
     if only is None:
         write_report(pipe, pr, records, name, wall_s=sum(r["wall_s"] for r in records.values()))
     say(f"pipeline {name}: {len(stages)} stage(s) in {time.perf_counter() - t0:.0f}s here; "

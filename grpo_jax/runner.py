@@ -272,6 +272,17 @@ def pretrain(pc: PretrainConfig, *, seed: int, cfg, params, tok, task, template:
     return res.params
 
 
+def say_line(text: str, progress: bool) -> None:
+    """A log line: through tqdm while progress bars are drawn (so they are not broken), else
+    printed and flushed (so that a launcher streaming the output sees it at once)."""
+    if progress:
+        from tqdm import tqdm
+
+        tqdm.write(text)
+    else:
+        print(text, flush=True)
+
+
 def init_distributed(dist) -> None:
     """`jax.distributed.initialize` as `dist` (config.DistConfig) says, once per process."""
     if dist.mode == "off" or jax.distributed.is_initialized():
@@ -327,8 +338,6 @@ def run(exp: Experiment, name: str = "run") -> dict:
     A run directory that already holds checkpoints is resumed from the latest one: the same
     seed and step give the same data, samples and updates, so the result is the same as that of
     an uninterrupted run, bit for bit on CPU."""
-    from tqdm import tqdm
-
     from grpo_jax.checkpoints import Checkpointer
     from grpo_jax.trainer import GRPOTrainer
 
@@ -339,7 +348,7 @@ def run(exp: Experiment, name: str = "run") -> dict:
 
     def say(msg):
         if main:
-            (tqdm.write if exp.log.progress else print)(f"[grpo-jax] {msg}", flush=True)
+            say_line(f"[grpo-jax] {msg}", exp.log.progress)
 
     if (run_dir / "summary.json").exists():
         done = json.loads((run_dir / "summary.json").read_text())

@@ -179,7 +179,7 @@ def test_tiny_experiment_runs_end_to_end(tmp_path):
         pretrain=PretrainConfig(steps=3, batch_size=8),
         data=dataclasses.replace(exp.data, eval_problems=8),
         eval=dataclasses.replace(exp.eval, samples=2, batch_prompts=8),
-        log=dataclasses.replace(exp.log, progress=False), checkpoint=CheckpointConfig(every=1, keep=2))
+        log=dataclasses.replace(exp.log, progress=True), checkpoint=CheckpointConfig(every=1, keep=2))
     summary = run(exp, name="tiny")
     d = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "eval.jsonl", "summary.json", "curves.png",
