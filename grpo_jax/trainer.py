@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ import optax
 
 from grpo_jax import loss as L
 from grpo_jax import model, sharding
-from grpo_jax.config import Experiment, ModelConfig, SamplerConfig
+from grpo_jax.config import Experiment, ModelConfig
 from grpo_jax.optim import lr_schedule, make_optimizer
 from grpo_jax.rewards import get_reward
 from grpo_jax.rewards.combine import score_completions
@@ -349,51 +349,3 @@ def finish_metrics(dev_metrics: dict, host: dict) -> dict:
     """One metrics line: the host metrics and the device ones, fetched one step late."""
     m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
     return {**{k: v for k, v in host.items() if not k.startswith("_")}, **m}
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate(params, cfg: ModelConfig, tok, examples: list[Example], *, template: str,
-             max_new_tokens: int, samples: int, temperature: float, top_p: float, key,
-             batch_prompts: int, max_prompt_tokens: int, bucket: int = 16,
-             long_prompts: str = "error",
-             progress: Callable[[int], None] | None = None) -> dict:
-    """pass@1 averaged over `samples` completions per problem, greedy accuracy, format rate and
-    mean length, on held-out examples. Batches are padded to one shape: no recompiles."""
-    stop = (tok.eos_token_id,)
-    sampled = Sampler(cfg, SamplerConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                         top_p=top_p, stop_ids=stop, prompt_bucket=bucket),
-                      pad_id=tok.pad_token_id)
-    greedy = Sampler(cfg, SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                                        stop_ids=stop, prompt_bucket=bucket), pad_id=tok.pad_token_id)
-    texts = [format_prompt(ex, template, tok) for ex in examples]
-    ids = prompt_ids(tok, texts, examples, max_prompt_tokens, long_prompts)
-    longest = max(len(i) for i in ids)
-    acc, fmt, lengths, greedy_acc = [], [], [], []
-    acc_fn, fmt_fn = get_reward("accuracy"), get_reward("format")
-    for start in range(0, len(examples), batch_prompts):
-        chunk = ids[start:start + batch_prompts]
-        exs = examples[start:start + batch_prompts]
-        prompt_texts = texts[start:start + batch_prompts]
-        real = len(chunk)
-        chunk = chunk + [chunk[0]] * (batch_prompts - real)  # same shape every batch
-        p_tok, p_mask = pad_prompts(chunk, bucket=bucket, pad_id=tok.pad_token_id, min_len=longest)
-        k = jax.random.fold_in(key, start)
-        for sampler, g, sink in ((sampled, samples, None), (greedy, 1, greedy_acc)):
-            out = jax.device_get(sampler(params, p_tok, p_mask, k, group_size=g))
-            completions = decode(tok, out.tokens[: real * g], out.lengths[: real * g])
-            prompts = [t for t in prompt_texts for _ in range(g)]
-            gold = [ex["answer"] for ex in exs for _ in range(g)]
-            a = acc_fn(prompts, completions, answer=gold)
-            if sink is None:
-                acc += a
-                fmt += fmt_fn(prompts, completions)
-                lengths += [int(x) for x in out.lengths[: real * g]]
-            else:
-                sink += a
-        if progress is not None:
-            progress(start + real)
-    return {"pass_at_1": float(np.mean(acc)), "greedy_accuracy": float(np.mean(greedy_acc)),
-            "format_rate": float(np.mean(fmt)), "mean_length": float(np.mean(lengths)),
-            "problems": len(examples), "samples_per_problem": samples}

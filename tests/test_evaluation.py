@@ -171,15 +171,6 @@ def test_evaluate_policy_matches_an_independent_count(chain, monkeypatch):
     assert r["mean_length"] == 7.0 and r["truncated_rate"] == 0.0
     assert (r["problems"], r["samples_per_problem"]) == (5, 8)
 
-    # A superset of the runner's evaluation, with equal values: the same batches and keys give
-    # the same samples (and reuse the programs compiled above).
-    from grpo_jax.trainer import evaluate
-
-    old = evaluate(params, CHAIN_CFG, tok, EXAMPLES, template="short", max_new_tokens=10,
-                   samples=8, temperature=0.6, top_p=0.95, key=jax.random.key(0), batch_prompts=2,
-                   max_prompt_tokens=64)
-    assert old == {k: r[k] for k in old}
-
 
 def test_eval_main_on_a_hugging_face_directory(hf_dir_factory, tmp_path, capsys):
     d, _ = hf_dir_factory("qwen2")
