@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,16 @@ COMMANDS = {
     "demo": "make a tiny model locally, save it in Hugging Face format, reload it, and sample",
     "export": "write a run's checkpoint as a Hugging Face directory: grpo-jax export RUN_DIR OUT_DIR "
               "[--step N]",
+}
+
+# Commands whose parser lives beside their code: (module, function taking the arguments).
+ENTRY_POINTS = {
+    "run": ("grpo_jax.runner", "main"),
+    "eval": ("grpo_jax.evaluation", "eval_main"),
+    "rejection-sample": ("grpo_jax.rejection", "rejection_main"),
+    "plan": ("grpo_jax.planner", "plan_main"),
+    "sweep": ("grpo_jax.sweep", "sweep_main"),
+    "compare": ("grpo_jax.compare", "compare_main"),
 }
 
 
@@ -114,30 +125,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:17s} {text}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     cmd, rest = argv[0], argv[1:]
-    if cmd == "run":
-        from grpo_jax.runner import main as run_main
-
-        run_main(rest)
-    if cmd == "eval":
-        from grpo_jax.evaluation import eval_main
-
-        eval_main(rest)
-    if cmd == "rejection-sample":
-        from grpo_jax.rejection import rejection_main
-
-        rejection_main(rest)
-    if cmd == "plan":
-        from grpo_jax.planner import plan_main
-
-        plan_main(rest)
-    if cmd == "sweep":
-        from grpo_jax.sweep import sweep_main
-
-        sweep_main(rest)
-    if cmd == "compare":
-        from grpo_jax.compare import compare_main
-
-        compare_main(rest)
+    if cmd in ENTRY_POINTS:  # imported on use: `grpo-jax --help` stays fast
+        module, function = ENTRY_POINTS[cmd]
+        getattr(importlib.import_module(module), function)(rest)
     if cmd == "demo":
         demo(tyro.cli(DemoArgs, args=rest, prog="grpo-jax demo"))
     if cmd == "export":
