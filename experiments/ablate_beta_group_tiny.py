@@ -17,7 +17,17 @@ Sizing, from one probe run of the first setting for 2 GRPO steps (2026-11-22, 2 
 under a load average of ~7, jax 0.10.2): after 400 pretraining steps the base model's held-out
 pass@1 is 0.041 and its format rate 0.135 (1000 steps: 0.099 and 0.181), enough for the format
 reward to have something to reinforce; pretraining, compilation and two evaluations took 89 s of
-user CPU time. Pretraining is about half of each run, and it is the same for all runs of a seed.
+user CPU time.
+
+Vectorized (the sweep's default for this 0.61M-parameter model, grpo_jax/vectorized.py): the 12
+runs train as 2 batched programs of 6 runs (G = 4 and G = 8; beta and the seed vary inside a
+program), and each seed is pretrained once instead of six times. Estimate from the whole sweep
+run for 3 GRPO steps (`--set steps=3`: 4.1 min wall on 2 CPU cores shared with other jobs, load
+average ~3): pretraining 79 s per seed, the step-0 evaluations 11 s for both seeds, a group's
+first step (compilation) 18-20 s, then 2.0-2.3 s per step for all 6 runs of a group and 0.9 s
+per later evaluation of a run; the 40 steps x 2 groups with evaluations every 10 steps then take
+about 7.5 minutes (10 with longer completions or a busier machine). With --no-vectorize every
+run pretrains for itself: about 20 minutes.
 
 Run:    grpo-jax sweep experiments/ablate_beta_group_tiny.py
         grpo-jax compare runs/ablate_beta_group_tiny-sweep

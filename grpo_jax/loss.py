@@ -2,8 +2,9 @@
 
 Every published variant is one surrogate with a few switches (SPEC.md section 2); each switch is
 a small registry of pure functions keyed by its mode name, so a variant is a config string, never
-a new branch in a long loss. All functions are pure and jit-able; mode strings, `beta` and
-`max_completion_len` are static (mark them with `static_argnames` when jitting `grpo_loss`).
+a new branch in a long loss. All functions are pure and jit-able; mode strings and
+`max_completion_len` are static (mark them with `static_argnames` when jitting `grpo_loss`), and
+so is `beta` unless it is a traced per-run value of a vectorized sweep (see `grpo_loss`).
 
 Shapes: B prompts, G completions per prompt, N = B * G completions, T completion length.
 `mask_NxT` is 1 on completion tokens and 0 on padding; padded positions may hold any value,
@@ -223,6 +224,11 @@ def grpo_loss(
     (the `kl` metric still reports it when given). With mu = 1 pass
     old_logps = stop_gradient(logps): the loss is -Agg(A) while its gradient is not 0.
 
+    `beta`, `eps_low` and `eps_high` may also be traced scalars (one value per run of a vmapped
+    sweep, `grpo_jax.vectorized`). A traced beta needs `ref_logps` (any finite placeholder for a
+    beta = 0 run): the KL term is computed for every run and counted where beta > 0 only, so a
+    beta = 0 run gets the loss, gradient and `kl` metric (0) it gets without a reference.
+
     Returns (loss, metrics); metrics are token-masked means except `policy_loss` = -Agg(surrogate),
     so loss = policy_loss + beta * Agg(KL). clip_frac_low/high count tokens whose clip is active
     (r < 1 - eps_low with A < 0; r > 1 + eps_high with A > 0), where the gradient is 0.
@@ -230,7 +236,11 @@ def grpo_loss(
     ratio_fn = _lookup(RATIOS, ratio_level, "ratio level")
     kl_fn = _lookup(KL_ESTIMATORS, kl_estimator, "KL estimator")
     agg_fn = _lookup(AGGREGATIONS, aggregation, "aggregation")
-    if beta != 0.0 and ref_logps_NxT is None:
+    static_beta = isinstance(beta, (int, float))
+    if ref_logps_NxT is None and not static_beta:
+        raise ValueError("a traced beta (one per vmapped run) needs ref_logps_NxT; give beta = 0 runs "
+                         "a finite placeholder such as their sampler log-probs")
+    if ref_logps_NxT is None and beta != 0.0:
         raise ValueError(f"beta={beta} needs ref_logps_NxT; pass beta=0.0 to train without a reference")
 
     valid_NxT = jnp.asarray(mask_NxT).astype(bool)
@@ -247,9 +257,15 @@ def grpo_loss(
     policy_loss = -aggregate(clipped_surrogate(ratio_NxT, adv_N, eps_low=eps_low, eps_high=eps_high))
 
     kl_NxT = None if ref_logps_NxT is None else kl_fn(logps_NxT, clean(ref_logps_NxT))
-    loss = policy_loss if beta == 0.0 else policy_loss + beta * aggregate(kl_NxT)
+    if static_beta:
+        loss = policy_loss if beta == 0.0 else policy_loss + beta * aggregate(kl_NxT)
+    else:  # counted where beta > 0 only; a beta = 0 run's placeholder must keep its KL finite
+        # (its gradient still flows, times 0, and 0 * inf is NaN)
+        loss = jnp.where(beta > 0, policy_loss + beta * aggregate(kl_NxT), policy_loss)
 
     metrics = _metrics(ratio_NxT, adv_N, kl_NxT, mask_NxT, valid_NxT, eps_low, eps_high)
+    if not static_beta:
+        metrics["kl"] = jnp.where(beta > 0, metrics["kl"], 0.0)
     metrics["policy_loss"] = policy_loss
     return loss, metrics
 

@@ -10,6 +10,13 @@ in their directory. Runs are ordered seed-major (every setting with the first se
 next seed), so a sweep cut short still covers the whole grid. An experiment file may declare
 `SWEEP = Sweep(...)`, used when no --grid is given.
 
+Vectorized runs (`--vectorize`, on by default for models of at most VECTORIZE_MAX_PARAMS
+parameters; `--no-vectorize` runs every run alone): runs that differ only in the seed and in
+scalar hyper-parameters (grpo.kl_coef, grpo.eps_low, grpo.eps_high, optim.lr) are trained
+together as one batched program (`grpo_jax.vectorized`), each still written to its own run
+directory; pretraining is shared by the runs of a seed. `sweep.json` and each run's
+`sweep_run.json` record which runs were vectorized together.
+
 Fair comparisons when G varies (`hold`): "prompts" keeps prompts_per_step B fixed, so a larger G
 also samples more completions per step; "completions" keeps N = B * G at the base's value
 (B = N_base // G), so every run samples and trains on the same number of completions per step.
@@ -43,6 +50,11 @@ SYMBOLS = {"beta": "grpo.kl_coef", "g": "grpo.group_size", "mu": "grpo.mu", "eps
            "batch_size": "prompts_per_step", "temperature": "sampler.temperature"}
 NOT_SWEPT = {"seed": "use --seeds (seed i runs with base seed + i)",
              "run_dir": "each run's directory is chosen by the sweep"}
+
+
+# Models up to this many parameters are vectorized by default (a batched program pays off while
+# one run leaves the device idle; measured in docs/benchmarks.md).
+VECTORIZE_MAX_PARAMS = 5_000_000
 
 
 class SweepError(ValueError):
@@ -451,11 +463,37 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def vector_groups(exps: list[Experiment], max_params: int = VECTORIZE_MAX_PARAMS) -> list[list[int]]:
+    """Indices of `exps` in groups that can train as one vectorized program: equal configs
+    except the seed, grpo.kl_coef, grpo.eps_low/eps_high and optim.lr (`vectorized.VECTOR_FIELDS`),
+    with a freshly initialized model of at most `max_params` parameters (a Hugging Face model's
+    size is not known before loading it: those always run alone). In plan order; a group of one
+    is a run alone."""
+    from grpo_jax.runner import config_dict
+    from grpo_jax.vectorized import VECTOR_FIELDS
+
+    ignored = set(VECTOR_FIELDS) | {"run_dir", "allow_config_change", "log.progress"}
+    groups: dict[str, list[int]] = {}
+    for i, exp in enumerate(exps):
+        small = exp.model.init is not None and exp.model.init.num_params <= max_params
+        key = (json.dumps({k: v for k, v in flatten(config_dict(exp)).items() if k not in ignored},
+                          sort_keys=True, default=str) if small else f"alone {i}")
+        groups.setdefault(key, []).append(i)
+    return sorted(groups.values())
+
+
 def run_sweep(base: Experiment, sweep: Sweep, out: str | Path, *, experiment: str = "",
               set_args: tuple[str, ...] = (), run_fn: Callable | None = None,
-              dry_run: bool = False, say: Callable[[str], None] = print) -> list[dict]:
+              dry_run: bool = False, say: Callable[[str], None] = print, vectorize: bool = False,
+              vectorize_max_params: int = VECTORIZE_MAX_PARAMS,
+              group_fn: Callable | None = None) -> list[dict]:
     """Run (or resume) the sweep in `out`; returns one record per run: name, run_dir, status
-    ("done" already finished, "ran", "failed" with "error", or "planned" in a dry run)."""
+    ("done" already finished, "ran", "failed" with "error", or "planned" in a dry run) and,
+    with `vectorize`, "vectorized_with" (the names of the runs trained with it as one program).
+
+    `run_fn(exp, name=...)` runs one experiment (default `runner.run`); `group_fn(exps, names,
+    policies=..., say=...)` a vectorized group (default `vectorized.run_group`); a group that
+    `group_fn` refuses (`vectorized.Unvectorizable`) runs one by one with `run_fn`."""
     out = Path(out)
     runs = plan_runs(base, sweep, root=out)
     meta = {"experiment": experiment, "set": list(set_args),
@@ -469,38 +507,102 @@ def run_sweep(base: Experiment, sweep: Sweep, out: str | Path, *, experiment: st
     n_done = sum((Path(e.run_dir) / "summary.json").exists() for _, e in runs)
     say(f"[sweep] {out}: {len(runs)} runs ({len(runs) // sweep.seeds} settings x {sweep.seeds} "
         f"seeds, hold={sweep.hold}), {n_done} already finished")
-    records = []
+    records = [{"name": name, "run_dir": exp.run_dir} for name, exp in runs]
+    todo = []
     for i, (name, exp) in enumerate(runs):
-        d = Path(exp.run_dir)
-        rec = {"name": name, "run_dir": str(d)}
-        records.append(rec)
-        if (d / "summary.json").exists():
-            rec["status"] = "done"
-            continue
-        state = "restarting unfinished" if d.exists() else "starting"
+        if (Path(exp.run_dir) / "summary.json").exists():
+            records[i]["status"] = "done"
+        else:
+            todo.append(i)
+    groups = [[i] for i in todo]
+    if vectorize:
+        groups = [[todo[j] for j in g]
+                  for g in vector_groups([runs[i][1] for i in todo], vectorize_max_params)]
+    together = {i: [runs[k][0] for k in g] for g in groups if len(g) > 1 for i in g}
+    for i in todo:
+        if vectorize:
+            records[i]["vectorized_with"] = together.get(i, [])
+    if together and not dry_run:
+        _record_groups(out / "sweep.json", [[runs[k][0] for k in g] for g in groups if len(g) > 1])
+    policies = None
+    for g in sorted(groups):
+        for i in g:
+            name, exp = runs[i]
+            state = "restarting unfinished" if Path(exp.run_dir).exists() else "starting"
+            what = (f"B={exp.prompts_per_step}, G={exp.grpo.group_size}, N={exp.completions_per_step}"
+                    + (f"; vectorized with {len(g) - 1} more" if len(g) > 1 else ""))
+            if dry_run:
+                records[i]["status"] = "planned"
+                say(f"[sweep] would run {i + 1}/{len(runs)} {name} ({state.split()[0]}; {what})")
+            else:
+                say(f"[sweep] {state} run {i + 1}/{len(runs)}: {name}  ({what})")
+                _prepare_run(runs[i], base, sweep, together.get(i, []))
         if dry_run:
-            rec["status"] = "planned"
-            say(f"[sweep] would run {i + 1}/{len(runs)} {name} ({state.split()[0]}; "
-                f"B={exp.prompts_per_step}, G={exp.grpo.group_size}, N={exp.completions_per_step})")
             continue
-        say(f"[sweep] {state} run {i + 1}/{len(runs)}: {name}  (B={exp.prompts_per_step}, "
-            f"G={exp.grpo.group_size}, N={exp.completions_per_step})")
-        d.mkdir(parents=True, exist_ok=True)
-        overrides = {p: _jsonable(v) for p, v in zip(sweep.fields, _values_of(exp, sweep.fields))}
-        (d / "sweep_error.txt").unlink(missing_ok=True)
-        _write_json(d / "sweep_run.json", {
-            "name": name, "sweep_dir": "..", "overrides": overrides, "seed": exp.seed,
-            "seed_index": exp.seed - base.seed, "hold": sweep.hold,
-            "prompts_per_step": exp.prompts_per_step, "group_size": exp.grpo.group_size,
-            "completions_per_step": exp.completions_per_step})
-        try:
-            run_fn(exp, name=name)
-            rec["status"] = "ran"
-        except Exception as e:  # one failed run must not stop an overnight sweep
-            rec["status"], rec["error"] = "failed", f"{type(e).__name__}: {e}"
-            (d / "sweep_error.txt").write_text(traceback.format_exc())
-            say(f"[sweep] run {name} failed: {rec['error']} (traceback in {d / 'sweep_error.txt'})")
+        if len(g) > 1:
+            if group_fn is None:
+                from grpo_jax.vectorized import run_group as group_fn
+            from grpo_jax.vectorized import PolicyCache, Unvectorizable
+
+            if policies is None:  # pretraining shared by the groups of a seed
+                policies = PolicyCache()
+            try:
+                done = group_fn([runs[i][1] for i in g], [runs[i][0] for i in g], policies=policies,
+                                say=say)
+            except Unvectorizable as e:
+                say(f"[sweep] running {', '.join(runs[i][0] for i in g)} one by one: {e}")
+                done = None
+            except Exception as e:  # the whole group failed
+                done = [_failure(runs[i][0], e, traceback.format_exc()) for i in g]
+            if done is not None:
+                for i, rec in zip(g, done):
+                    records[i]["status"] = rec["status"]
+                    if rec["status"] == "failed":
+                        _failed(records[i], rec["error"], rec["traceback"], say)
+                continue
+        for i in g:
+            name, exp = runs[i]
+            try:
+                run_fn(exp, name=name)
+                records[i]["status"] = "ran"
+            except Exception as e:  # one failed run must not stop an overnight sweep
+                _failed(records[i], f"{type(e).__name__}: {e}", traceback.format_exc(), say)
     return records
+
+
+def _prepare_run(run: tuple[str, Experiment], base: Experiment, sweep: Sweep, together: list[str]):
+    """The run's directory with its sweep_run.json (and no error left from an earlier attempt)."""
+    name, exp = run
+    d = Path(exp.run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    overrides = {p: _jsonable(v) for p, v in zip(sweep.fields, _values_of(exp, sweep.fields))}
+    (d / "sweep_error.txt").unlink(missing_ok=True)
+    _write_json(d / "sweep_run.json", {
+        "name": name, "sweep_dir": "..", "overrides": overrides, "seed": exp.seed,
+        "seed_index": exp.seed - base.seed, "hold": sweep.hold,
+        "prompts_per_step": exp.prompts_per_step, "group_size": exp.grpo.group_size,
+        "completions_per_step": exp.completions_per_step, "vectorized_with": together})
+
+
+def _failure(name: str, e: Exception, tb: str) -> dict:
+    return {"name": name, "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": tb}
+
+
+def _failed(rec: dict, error: str, tb: str, say) -> None:
+    rec["status"], rec["error"] = "failed", error
+    d = Path(rec["run_dir"])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sweep_error.txt").write_text(tb)
+    say(f"[sweep] run {rec['name']} failed: {error} (traceback in {d / 'sweep_error.txt'})")
+
+
+def _record_groups(path: Path, groups: list[list[str]]) -> None:
+    """sweep.json's "vectorized": the groups of runs trained together, the latest attempt of a
+    run replacing its earlier group."""
+    saved = json.loads(path.read_text())
+    names = {n for g in groups for n in g}
+    kept = [g for g in saved.get("vectorized", []) if not names & set(g)]
+    _write_json(path, {**saved, "vectorized": kept + groups})
 
 
 def _values_of(exp, paths):
@@ -544,6 +646,11 @@ class SweepArgs:
     # reuse compiled programs across the runs (JAX's persistent compilation cache in
     # OUT/.jax_cache, unless one is configured already): runs with the same shapes skip compiling
     compile_cache: bool = True
+    # train runs that differ only in seed, grpo.kl_coef, grpo.eps_low/eps_high and optim.lr as
+    # one batched (vmapped) program when the model has at most --vectorize-max-params parameters;
+    # --no-vectorize runs them one by one
+    vectorize: bool = True
+    vectorize_max_params: int = VECTORIZE_MAX_PARAMS
 
 
 def use_compile_cache(path: Path) -> None:
@@ -561,7 +668,7 @@ def use_compile_cache(path: Path) -> None:
 
 def sweep_main(argv: list[str]) -> list[dict]:
     """`grpo-jax sweep EXPERIMENT.py [--grid FIELD=V1,V2 ...] [--seeds N] [--hold H] [--out DIR]
-    [--set FIELD=VALUE ...] [--dry-run]`."""
+    [--set FIELD=VALUE ...] [--dry-run] [--no-vectorize]`."""
     from grpo_jax.runner import load_experiment
 
     args = tyro.cli(SweepArgs, args=argv, prog="grpo-jax sweep")
@@ -580,7 +687,8 @@ def sweep_main(argv: list[str]) -> list[dict]:
         if args.compile_cache and not args.dry_run:
             use_compile_cache(out / ".jax_cache")
         records = run_sweep(base, sweep, out, experiment=str(args.experiment), set_args=args.set,
-                            dry_run=args.dry_run)
+                            dry_run=args.dry_run, vectorize=args.vectorize,
+                            vectorize_max_params=args.vectorize_max_params)
     except (ValueError, TypeError, FileNotFoundError) as e:  # SweepError and config errors
         print(f"grpo-jax sweep: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -9,8 +9,10 @@ import pytest
 from grpo_jax import runner
 from grpo_jax.compare import compare, compare_main
 from grpo_jax.runner import config_dict, load_experiment
+from grpo_jax.config import ModelSource
 from grpo_jax.sweep import (Sweep, SweepError, apply_overrides, load_sweep, parse_assignment,
-                            plan_runs, run_sweep, sweep_main)
+                            plan_runs, run_sweep, sweep_main, vector_groups)
+from grpo_jax.vectorized import Unvectorizable
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny_r1_zero.py"
@@ -181,6 +183,79 @@ def test_a_failed_run_does_not_stop_the_sweep(base, tmp_path):
     assert [r["status"] for r in recs] == ["failed", "ran"] and len(calls) == 2
     assert "RuntimeError: boom" in recs[0]["error"]
     assert "boom" in (Path(recs[0]["run_dir"]) / "sweep_error.txt").read_text()
+
+
+def fake_group(calls, *, fail=(), refuse=False):
+    """A stand-in for vectorized.run_group: records the group and finishes its runs."""
+
+    def group(exps, names, *, policies, say):
+        calls.append(list(names))
+        if refuse:
+            raise Unvectorizable("checkpoints at different steps")
+        recs = []
+        for exp, name in zip(exps, names):
+            (Path(exp.run_dir) / "summary.json").write_text("{}")
+            recs.append({"name": name, "run_dir": exp.run_dir, "status": "ran"} if name not in fail
+                        else {"name": name, "status": "failed", "error": "NumericFault: nan",
+                              "traceback": "Traceback: NumericFault"})
+        return recs
+
+    return group
+
+
+def test_vector_groups_hold_runs_that_differ_in_scalars_only(base):
+    sw = Sweep(grid=(("grpo.kl_coef", (0.0, 0.04)), ("grpo.group_size", (4, 8)),
+                     ("optim.lr", (1e-3, 1e-4))), seeds=2)
+    runs = plan_runs(base, sw)
+    groups = vector_groups([e for _, e in runs])
+    assert [sorted({runs[i][1].grpo.group_size for i in g}) for g in groups] == [[4], [8]]
+    assert [len(g) for g in groups] == [8, 8]  # 2 betas x 2 lrs x 2 seeds each
+    assert vector_groups([e for _, e in runs], max_params=1000) == [[i] for i in range(16)]
+    hf = dataclasses.replace(base, model=ModelSource(path="Qwen/Qwen2.5-0.5B"), pretrain=None)
+    assert vector_groups([hf, dataclasses.replace(hf, seed=1)]) == [[0], [1]]  # size unknown: alone
+
+
+def test_vectorized_sweep_runs_groups_and_records_them(base, tmp_path):
+    sw = Sweep(grid=(("grpo.kl_coef", (0.0, 0.04)), ("grpo.group_size", (4, 8))), seeds=2)
+    calls, groups = [], []
+    say = lambda m: None
+    recs = run_sweep(base, sw, tmp_path, run_fn=fake_run(calls), group_fn=fake_group(groups),
+                     vectorize=True, say=say)
+    g4 = ["kl_coef=0.0,group_size=4,seed=0", "kl_coef=0.04,group_size=4,seed=0",
+          "kl_coef=0.0,group_size=4,seed=1", "kl_coef=0.04,group_size=4,seed=1"]
+    g8 = [n.replace("group_size=4", "group_size=8") for n in g4]
+    assert calls == [] and groups == [g4, g8]
+    assert [r["status"] for r in recs] == ["ran"] * 8
+    assert next(r for r in recs if r["name"] == g8[1])["vectorized_with"] == g8
+    assert json.loads((tmp_path / "sweep.json").read_text())["vectorized"] == [g4, g8]
+    assert json.loads((tmp_path / g4[2] / "sweep_run.json").read_text())["vectorized_with"] == g4
+    # resume: finished runs are skipped; a lone unfinished run runs alone
+    (tmp_path / g8[3] / "summary.json").unlink()
+    groups.clear()
+    recs = run_sweep(base, sw, tmp_path, run_fn=fake_run(calls), group_fn=fake_group(groups),
+                     vectorize=True, say=say)
+    assert groups == [] and calls == [g8[3]]
+    assert [r["status"] for r in recs].count("done") == 7
+    assert json.loads((tmp_path / "sweep.json").read_text())["vectorized"] == [g4, g8]
+
+
+def test_a_refused_group_runs_one_by_one_and_a_failed_run_is_recorded(base, tmp_path):
+    sw = Sweep(grid=(("grpo.kl_coef", (0.0, 0.04)),), seeds=2)
+    names = ["kl_coef=0.0,seed=0", "kl_coef=0.04,seed=0", "kl_coef=0.0,seed=1", "kl_coef=0.04,seed=1"]
+    calls, groups = [], []
+    recs = run_sweep(base, sw, tmp_path / "a", run_fn=fake_run(calls), vectorize=True,
+                     group_fn=fake_group(groups, refuse=True), say=lambda m: None)
+    assert groups == [names] and calls == names and [r["status"] for r in recs] == ["ran"] * 4
+    groups.clear()
+    recs = run_sweep(base, sw, tmp_path / "b", run_fn=fake_run(calls), vectorize=True,
+                     group_fn=fake_group(groups, fail=(names[1],)), say=lambda m: None)
+    assert [r["status"] for r in recs] == ["ran", "failed", "ran", "ran"]
+    assert recs[1]["error"] == "NumericFault: nan"
+    assert "NumericFault" in (tmp_path / "b" / names[1] / "sweep_error.txt").read_text()
+    calls.clear()  # --no-vectorize: every run alone
+    run_sweep(base, sw, tmp_path / "c", run_fn=fake_run(calls), group_fn=fake_group(groups),
+              say=lambda m: None)
+    assert calls == names
 
 
 def test_a_changed_sweep_is_refused_with_the_difference(base, tmp_path):
