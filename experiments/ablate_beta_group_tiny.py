@@ -31,7 +31,9 @@ run pretrains for itself: about 20 minutes.
 
 Run:    grpo-jax sweep experiments/ablate_beta_group_tiny.py
         grpo-jax compare runs/ablate_beta_group_tiny-sweep
-Expect: not run yet.
+Expect: 8.2 min for the 12 runs, vectorized (2026-11-22, 2 CPU cores shared with another job,
+        jax 0.10.2); final held-out pass@1 0.033-0.097 per setting (beta 0.04 highest), format
+        rate 0.97-1.00 in every setting; table and picture in docs/ablate_beta_group_tiny/.
 """
 
 import dataclasses
