@@ -272,6 +272,18 @@ def pretrain(pc: PretrainConfig, *, seed: int, cfg, params, tok, task, template:
     return res.params
 
 
+def run_summary(exp: Experiment, first: dict, final: dict, rows: list[dict], eval_problems: int,
+                wall_s: float, run_dir: Path) -> dict:
+    """summary.json of a run: the first and final held-out evaluations, the last reward."""
+    keys = ("pass_at_1", "greedy_accuracy", "format_rate", "mean_length")
+    return {
+        **{f"{k}_{when}": e[k] for k in keys for when, e in (("before", first), ("after", final))},
+        "eval_problems": eval_problems, "eval_samples_per_problem": exp.eval.samples,
+        "steps": exp.steps, "final_reward": rows[-1]["reward"] if rows else None,
+        "wall_s": wall_s, "run_dir": str(run_dir),
+    }
+
+
 def say_line(text: str, progress: bool) -> None:
     """A log line: through tqdm while progress bars are drawn (so they are not broken), else
     printed and flushed (so that a launcher streaming the output sees it at once)."""
@@ -537,17 +549,8 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
         if rows:
             plot_metrics(rows, run_dir / "curves.png", title=f"{name}: GRPO", evals=evals)
     say(f"saved {ckpt.root}/step_{exp.steps} and the Hugging Face export {run_dir / 'hf_model'}")
-    first = evals[0]
-    summary = {
-        "pass_at_1_before": first["pass_at_1"], "pass_at_1_after": final["pass_at_1"],
-        "greedy_accuracy_before": first["greedy_accuracy"],
-        "greedy_accuracy_after": final["greedy_accuracy"],
-        "format_rate_before": first["format_rate"], "format_rate_after": final["format_rate"],
-        "mean_length_before": first["mean_length"], "mean_length_after": final["mean_length"],
-        "eval_problems": len(eval_examples), "eval_samples_per_problem": exp.eval.samples,
-        "steps": exp.steps, "final_reward": rows[-1]["reward"] if rows else None,
-        "wall_s": wall_before + time.perf_counter() - t_start, "run_dir": str(run_dir),
-    }
+    summary = run_summary(exp, evals[0], final, rows, len(eval_examples),
+                          wall_before + time.perf_counter() - t_start, run_dir)
     if main:
         atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"pass@1 {summary['pass_at_1_before']:.3f} -> {summary['pass_at_1_after']:.3f}, format "

@@ -30,7 +30,7 @@ import optax
 
 from grpo_jax import loss as L
 from grpo_jax import model, sharding
-from grpo_jax.config import Experiment, ModelConfig
+from grpo_jax.config import Experiment, ModelConfig, SamplerConfig
 from grpo_jax.optim import lr_schedule, make_optimizer
 from grpo_jax.rewards import get_reward
 from grpo_jax.rewards.combine import score_completions
@@ -273,37 +273,11 @@ class GRPOTrainer:
             out = sharding.to_host(out)
         t_roll = time.perf_counter() - t0
 
-        completions = decode(self.tok, out.tokens, out.lengths)
-        rep = lambda xs: [x for x in xs for _ in range(g.group_size)]
-        fields = {k: rep([ex.get(k) for ex in examples]) for k in examples[0]}
-        fields["completion_length"] = [int(x) for x in out.lengths]
-        scored = score_completions(rep(prompts_text), completions, fields, self.rewards,
-                                   on_error=exp.rewards.on_error)
-        total = scored.total.astype(np.float32)
-        if g.overlong_cache:
-            total = total + np.array([overlong_penalty(int(x), self.scfg.max_new_tokens,
-                                                       g.overlong_cache) for x in out.lengths],
-                                     np.float32)
-        rewards_BxG = total.reshape(n_prompts, g.group_size)
-        idx, keep = select_groups(rewards_BxG, b, g.zero_std)
-        rows = (idx[:, None] * g.group_size + np.arange(g.group_size)).reshape(-1)
-        adv = np.asarray(L.compute_advantages(rewards_BxG[idx], g.adv_norm, eps=g.adv_eps,
-                                              std_ddof=g.std_ddof)).reshape(-1)
-        gen_mask = out.mask[rows]
-        loss_mask = gen_mask & np.repeat(keep, g.group_size)[:, None]
-        if g.mask_truncated:
-            loss_mask = loss_mask & ~out.truncated[rows][:, None]
-
-        # Group-major arrays: [B, G, ...] per completion, [B, P] per prompt.
-        grp = lambda x: x.reshape(b, g.group_size, *x.shape[1:])
-        batch = dict(prompt=p_tok[idx], prompt_mask=p_mask[idx], comp=grp(out.tokens[rows]),
-                     gen_mask=grp(gen_mask), loss_mask=grp(loss_mask),
-                     adv=grp(adv.astype(np.float32)), sampler_logps=grp(out.logps[rows]))
         lr = float(self.lr(int(state.step)))
+        batch, host, logps_ok = host_batch(exp, self.scfg, self.tok, self.rewards, step, examples,
+                                           prompts_text, out, p_tok, p_mask, lr)
         t1 = time.perf_counter()
         # Non-finite sampler log-probs mean the policy itself is broken: no update from them.
-        logps_ok = bool(np.isfinite(np.where(gen_mask, batch["sampler_logps"].reshape(gen_mask.shape),
-                                             0.0)).all())
         if logps_ok:
             if self.mesh is not None:
                 batch = sharding.place(batch, self.batch_sharding)
@@ -320,29 +294,65 @@ class GRPOTrainer:
         else:
             dev_metrics = {"skipped_updates": float(g.mu * g.minibatches)}
         t2 = time.perf_counter()
-
-        lengths = out.lengths[rows]
-        host = {
-            "step": step + 1,
-            "reward": float(total[rows].mean()), "reward_std": float(total[rows].std()),
-            **{f"reward/{k}": float(v[rows].mean()) for k, v in scored.per_reward.items()},
-            **{f"reward_failures/{k}": int(v) for k, v in scored.failures.items() if v},
-            "response_length": float(lengths.mean()), "response_length_max": int(lengths.max()),
-            "truncated_frac": float(out.truncated[rows].mean()),
-            "zero_std_frac": float(np.asarray(L.zero_std_groups(rewards_BxG)).mean()),
-            "nonfinite_logps": int(not logps_ok), "lr": lr, "rollout_s": t_roll, "update_s": t2 - t1, "step_s": t2 - t0,
-            "rollout_tokens_per_s": float(out.lengths.sum()) / max(t_roll, 1e-9),
-            "train_tokens_per_s": float(gen_mask.sum()) / max(t2 - t1, 1e-9),
-        }
-        if "accuracy" in scored.per_reward:
-            host["accuracy"] = float(scored.per_reward["accuracy"][rows].mean())
-        if "format" in scored.per_reward:
-            host["format_rate"] = float(scored.per_reward["format"][rows].mean())
-        samples = [{"step": step + 1, "prompt": prompts_text[i // g.group_size],
-                    "completion": completions[i], "reward": float(total[i])}
-                   for i in rows[: exp.log.num_samples]]
-        host["_samples"] = samples
+        host.update(rollout_s=t_roll, update_s=t2 - t1, step_s=t2 - t0,
+                    rollout_tokens_per_s=float(out.lengths.sum()) / max(t_roll, 1e-9),
+                    train_tokens_per_s=float(batch["gen_mask"].sum()) / max(t2 - t1, 1e-9))
         return state, dev_metrics, host
+
+
+def host_batch(exp: Experiment, scfg: SamplerConfig, tok, rewards: dict, step: int,
+               examples: list[Example], prompts_text: list[str], out, p_tok, p_mask, lr: float):
+    """The host half of a GRPO step on a rollout `out` (host arrays): rewards, group selection,
+    advantages, masks -> (group-major update batch, host metrics, sampler log-probs finite).
+    The timing metrics are left as None for the caller to fill in."""
+    g, b, n_prompts = exp.grpo, exp.prompts_per_step, len(examples)
+    completions = decode(tok, out.tokens, out.lengths)
+    rep = lambda xs: [x for x in xs for _ in range(g.group_size)]
+    fields = {k: rep([ex.get(k) for ex in examples]) for k in examples[0]}
+    fields["completion_length"] = [int(x) for x in out.lengths]
+    scored = score_completions(rep(prompts_text), completions, fields, rewards,
+                               on_error=exp.rewards.on_error)
+    total = scored.total.astype(np.float32)
+    if g.overlong_cache:
+        total = total + np.array([overlong_penalty(int(x), scfg.max_new_tokens, g.overlong_cache)
+                                  for x in out.lengths], np.float32)
+    rewards_BxG = total.reshape(n_prompts, g.group_size)
+    idx, keep = select_groups(rewards_BxG, b, g.zero_std)
+    rows = (idx[:, None] * g.group_size + np.arange(g.group_size)).reshape(-1)
+    adv = np.asarray(L.compute_advantages(rewards_BxG[idx], g.adv_norm, eps=g.adv_eps,
+                                          std_ddof=g.std_ddof)).reshape(-1)
+    gen_mask = out.mask[rows]
+    loss_mask = gen_mask & np.repeat(keep, g.group_size)[:, None]
+    if g.mask_truncated:
+        loss_mask = loss_mask & ~out.truncated[rows][:, None]
+
+    # Group-major arrays: [B, G, ...] per completion, [B, P] per prompt.
+    grp = lambda x: x.reshape(b, g.group_size, *x.shape[1:])
+    batch = dict(prompt=p_tok[idx], prompt_mask=p_mask[idx], comp=grp(out.tokens[rows]),
+                 gen_mask=grp(gen_mask), loss_mask=grp(loss_mask),
+                 adv=grp(adv.astype(np.float32)), sampler_logps=grp(out.logps[rows]))
+    logps_ok = bool(np.isfinite(np.where(gen_mask, out.logps[rows], 0.0)).all())
+    lengths = out.lengths[rows]
+    host = {
+        "step": step + 1,
+        "reward": float(total[rows].mean()), "reward_std": float(total[rows].std()),
+        **{f"reward/{k}": float(v[rows].mean()) for k, v in scored.per_reward.items()},
+        **{f"reward_failures/{k}": int(v) for k, v in scored.failures.items() if v},
+        "response_length": float(lengths.mean()), "response_length_max": int(lengths.max()),
+        "truncated_frac": float(out.truncated[rows].mean()),
+        "zero_std_frac": float(np.asarray(L.zero_std_groups(rewards_BxG)).mean()),
+        "nonfinite_logps": int(not logps_ok), "lr": lr,
+        "rollout_s": None, "update_s": None, "step_s": None, "rollout_tokens_per_s": None,
+        "train_tokens_per_s": None,
+    }
+    if "accuracy" in scored.per_reward:
+        host["accuracy"] = float(scored.per_reward["accuracy"][rows].mean())
+    if "format" in scored.per_reward:
+        host["format_rate"] = float(scored.per_reward["format"][rows].mean())
+    host["_samples"] = [{"step": step + 1, "prompt": prompts_text[i // g.group_size],
+                         "completion": completions[i], "reward": float(total[i])}
+                        for i in rows[: exp.log.num_samples]]
+    return batch, host, logps_ok
 
 
 def finish_metrics(dev_metrics: dict, host: dict) -> dict:

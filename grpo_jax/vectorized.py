@@ -69,16 +69,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import loss as L
 from grpo_jax import model
 from grpo_jax.config import Experiment, ModelConfig
 from grpo_jax.model import cached_step, positions_from_mask
 from grpo_jax.optim import lr_schedule, make_optimizer
-from grpo_jax.rewards.combine import score_completions
-from grpo_jax.rewards.length import overlong_penalty
 from grpo_jax.sampler import Samples, pad_prompts, sample_token
 from grpo_jax.tasks.templates import format_prompt
-from grpo_jax.trainer import GRPOTrainer, TrainState, decode, prompt_ids, select_groups
+from grpo_jax.trainer import GRPOTrainer, TrainState, host_batch, prompt_ids
 
 # Fields that may differ between the runs of one group; everything else must agree.
 VECTOR_FIELDS = ("seed", "grpo.kl_coef", "grpo.eps_low", "grpo.eps_high", "optim.lr")
@@ -352,55 +349,10 @@ class VectorizedGRPO:
 
     def _host_step(self, r, step, examples, prompts_text, out, p_tok, p_mask, update_step):
         """Rewards, group selection, advantages and the update batch of run r: the host half of
-        `GRPOTrainer.step`, on the run's slice of the rollout."""
-        exp, g, tr = self.exps[r], self.exps[r].grpo, self.trainer
-        b, n_prompts = exp.prompts_per_step, len(examples)
-        completions = decode(self.tok, out.tokens, out.lengths)
-        rep = lambda xs: [x for x in xs for _ in range(g.group_size)]
-        fields = {k: rep([ex.get(k) for ex in examples]) for k in examples[0]}
-        fields["completion_length"] = [int(x) for x in out.lengths]
-        scored = score_completions(rep(prompts_text), completions, fields, tr.rewards,
-                                   on_error=exp.rewards.on_error)
-        total = scored.total.astype(np.float32)
-        if g.overlong_cache:
-            total = total + np.array([overlong_penalty(int(x), tr.scfg.max_new_tokens, g.overlong_cache)
-                                      for x in out.lengths], np.float32)
-        rewards_BxG = total.reshape(n_prompts, g.group_size)
-        idx, keep = select_groups(rewards_BxG, b, g.zero_std)
-        rows = (idx[:, None] * g.group_size + np.arange(g.group_size)).reshape(-1)
-        adv = np.asarray(L.compute_advantages(rewards_BxG[idx], g.adv_norm, eps=g.adv_eps,
-                                              std_ddof=g.std_ddof)).reshape(-1)
-        gen_mask = out.mask[rows]
-        loss_mask = gen_mask & np.repeat(keep, g.group_size)[:, None]
-        if g.mask_truncated:
-            loss_mask = loss_mask & ~out.truncated[rows][:, None]
-        grp = lambda x: x.reshape(b, g.group_size, *x.shape[1:])
-        batch = dict(prompt=p_tok[idx], prompt_mask=p_mask[idx], comp=grp(out.tokens[rows]),
-                     gen_mask=grp(gen_mask), loss_mask=grp(loss_mask),
-                     adv=grp(adv.astype(np.float32)), sampler_logps=grp(out.logps[rows]))
-        logps_ok = bool(np.isfinite(np.where(gen_mask, out.logps[rows], 0.0)).all())
-        lengths = out.lengths[rows]
-        host = {
-            "step": step + 1,
-            "reward": float(total[rows].mean()), "reward_std": float(total[rows].std()),
-            **{f"reward/{k}": float(v[rows].mean()) for k, v in scored.per_reward.items()},
-            **{f"reward_failures/{k}": int(v) for k, v in scored.failures.items() if v},
-            "response_length": float(lengths.mean()), "response_length_max": int(lengths.max()),
-            "truncated_frac": float(out.truncated[rows].mean()),
-            "zero_std_frac": float(np.asarray(L.zero_std_groups(rewards_BxG)).mean()),
-            "nonfinite_logps": int(not logps_ok), "lr": float(self.lr[r](update_step)),
-            # the group's timings, filled in by `step` (same keys and order as the trainer's)
-            "rollout_s": None, "update_s": None, "step_s": None, "rollout_tokens_per_s": None,
-            "train_tokens_per_s": None,
-        }
-        if "accuracy" in scored.per_reward:
-            host["accuracy"] = float(scored.per_reward["accuracy"][rows].mean())
-        if "format" in scored.per_reward:
-            host["format_rate"] = float(scored.per_reward["format"][rows].mean())
-        host["_samples"] = [{"step": step + 1, "prompt": prompts_text[i // g.group_size],
-                             "completion": completions[i], "reward": float(total[i])}
-                            for i in rows[: exp.log.num_samples]]
-        return batch, host, logps_ok
+        `GRPOTrainer.step` (`trainer.host_batch`), on the run's slice of the rollout."""
+        tr = self.trainer
+        return host_batch(self.exps[r], tr.scfg, self.tok, tr.rewards, step, examples,
+                          prompts_text, out, p_tok, p_mask, float(self.lr[r](update_step)))
 
 
 def _stack(trees: Sequence, stack=jnp.stack):
@@ -704,16 +656,7 @@ def _train(vec: VectorizedGRPO, names, dirs, ckpts, logs, stop, resume, params, 
             save_hf_dir(jax.device_get(_slice(state.params, r)), cfg, d / "hf_model", tok)
             if rows[r]:
                 plot_metrics(rows[r], d / "curves.png", title=f"{names[r]}: GRPO", evals=evals[r])
-        summary = {
-            "pass_at_1_before": first["pass_at_1"], "pass_at_1_after": final["pass_at_1"],
-            "greedy_accuracy_before": first["greedy_accuracy"],
-            "greedy_accuracy_after": final["greedy_accuracy"],
-            "format_rate_before": first["format_rate"], "format_rate_after": final["format_rate"],
-            "mean_length_before": first["mean_length"], "mean_length_after": final["mean_length"],
-            "eval_problems": len(eval_examples), "eval_samples_per_problem": e.eval.samples,
-            "steps": e.steps, "final_reward": rows[r][-1]["reward"] if rows[r] else None,
-            "wall_s": wall(r), "run_dir": str(d),
-        }
+        summary = runner.run_summary(e, first, final, rows[r], len(eval_examples), wall(r), d)
         if main:
             runner.atomic_write(d / "summary.json", json.dumps(summary, indent=2))
         say(f"{names[r]}: pass@1 {summary['pass_at_1_before']:.3f} -> {summary['pass_at_1_after']:.3f}, "
