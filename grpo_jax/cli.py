@@ -116,6 +116,10 @@ def demo(args: DemoArgs) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # the `grpo-jax` program itself (not a call from Python code)
+        from grpo_jax import hostmem
+
+        hostmem.configure()  # may restart this process once, before JAX is imported
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):

@@ -74,6 +74,9 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="T, max new tokens per completion")
     ap.add_argument("--lr", type=float, default=1e-6, help="constant AdamW learning rate")
     ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3 estimator)")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="gradient accumulation inside the one update of the 64 completions "
+                         "(same gradient; smaller temporaries)")
     ap.add_argument("--stop", choices=("eos", "none"), default="eos",
                     help="eos: completions end at the tokenizer's EOS; none: always T tokens")
     ap.add_argument("--seed", type=int, default=0)
@@ -261,7 +264,7 @@ def build(a: argparse.Namespace):
                         kl_coef=a.beta, kl_estimator="k3", adv_norm="group_std",
                         aggregation="seq_mean_token_mean", zero_std="keep"),
         optim=OptimConfig(lr=a.lr, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                          clip_norm=1.0, micro_batches=1),
+                          clip_norm=1.0, micro_batches=a.micro_batches),
         data=DataConfig(task=TASK_NAME, task_args=json.dumps({"prompt_len": a.prompt_len}),
                         template="plain", max_prompt_tokens=a.prompt_len),
         rewards=RewardConfig(weights=REWARD_WEIGHTS, on_error="raise"),
@@ -285,6 +288,12 @@ def compiled_variants(trainer) -> dict:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    if argv is None:  # as `grpo-jax` runs: XLA's temporaries on huge pages (grpo_jax/hostmem.py)
+        from grpo_jax import hostmem
+
+        malloc = hostmem.configure()  # may restart this script once, before jax is imported
+    else:
+        malloc = "unchanged (called from Python)"
     t_start = time.perf_counter()
     if a.threads:
         if "jax" in sys.modules:
@@ -359,7 +368,7 @@ def main(argv=None) -> None:
         "params": cfg.num_params, "dtype": "float32", "remat": cfg.remat,
         "steps": a.steps, "warmup": a.warmup, "prompts": b, "group": g, "completions": n,
         "prompt_len": p, "new_tokens": t, "stop": a.stop, "stop_ids": list(trainer.stop_ids),
-        "temperature": 1.0, "beta": a.beta, "kl_estimator": "k3", "mu": 1, "lr": a.lr,
+        "temperature": 1.0, "beta": a.beta, "kl_estimator": "k3", "mu": 1, "lr": a.lr, "micro_batches": a.micro_batches,
         "rewards": dict(REWARD_WEIGHTS),
         "s_per_step": s_per_step, "s_per_step_all": times, "s_per_step_mean": statistics.mean(times),
         "cpu_per_wall": statistics.median(cpu), "tokens_per_s": tokens_per_s,
@@ -372,7 +381,8 @@ def main(argv=None) -> None:
         "ratio_of_peak": achieved / peak, "same_prompts_as_workload": bool(same_prompts),
         "compiled_variants": compiled_variants(trainer),
         "total_s": total_s, "backend": jax.default_backend(), "jax": jax.__version__,
-        "torch_imported": "torch" in sys.modules, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "torch_imported": "torch" in sys.modules, "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc": malloc,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         **cpu_info(),
     }
     print(json.dumps(result))

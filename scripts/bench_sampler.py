@@ -39,7 +39,14 @@ import statistics
 import sys
 import time
 
-import jax
+if __name__ == "__main__":  # as `grpo-jax` runs: XLA's temporaries on huge pages (may restart once)
+    from grpo_jax import hostmem
+
+    MALLOC = hostmem.configure()
+else:
+    MALLOC = "unchanged (imported)"
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 
@@ -100,7 +107,8 @@ def machine_info() -> dict:
             "device_kind": getattr(dev, "device_kind", None), "device_count": jax.device_count(),
             "jax": jax.__version__, "jaxlib": jaxlib_version,
             "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version()}
+            else os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
+            "malloc": MALLOC, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def setup_peak(n: int):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -105,6 +106,15 @@ def torch_matmul_peak(n: int, repeats: int) -> float:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    # The allocator setting that bench_grpo.py and `grpo-jax` use (huge pages for malloc; see
+    # grpo_jax/hostmem.py), so that both trainers run on the same allocator; GRPO_JAX_MALLOC=off
+    # measures torch with the system default instead.
+    if argv is None:
+        from grpo_jax import hostmem
+
+        malloc = hostmem.configure()  # may restart this script once, before torch is imported
+    else:
+        malloc = "unchanged (called from Python)"
     t_start = time.perf_counter()
     rss_stages = {}
     import datasets
@@ -243,7 +253,8 @@ def main(argv=None) -> None:
         "mean_completion_len": statistics.mean(timed_len),
         "truncated_frac": sum(x >= t and not e for x, e in zip(timed_len, stopped[a.warmup * n:]))
         / len(timed_len),
-        "peak_rss_mib": rss, "peak_rss_stages_mib": rss_stages,
+        "peak_rss_mib": rss, "peak_rss_stages_mib": rss_stages, "malloc": malloc,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "model_flops_per_step": fl["total"], "achieved_flops": achieved,
         "matmul_peak_flops": peak, "matmul_peak_n": a.peak_n, "ratio_of_peak": achieved / peak,
         "logits_processors": processors, "same_prompts_as_ours": same_prompts, "optimizer": str(args.optim),
