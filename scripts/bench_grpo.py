@@ -74,9 +74,6 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="T, max new tokens per completion")
     ap.add_argument("--lr", type=float, default=1e-6, help="constant AdamW learning rate")
     ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3 estimator)")
-    ap.add_argument("--micro-batches", type=int, default=1,
-                    help="gradient accumulation inside the one update of the 64 completions "
-                         "(same gradient; smaller temporaries)")
     ap.add_argument("--stop", choices=("eos", "none"), default="eos",
                     help="eos: completions end at the tokenizer's EOS; none: always T tokens")
     ap.add_argument("--seed", type=int, default=0)
@@ -88,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_workload_args(ap)
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="gradient accumulation inside the one update of all B x G completions "
+                         "(the same gradient; smaller temporaries)")
     ap.add_argument("--threads", type=int, default=0, choices=(0, 1),
                     help="XLA CPU threads: 0 = XLA's default (all cores); 1 adds to XLA_FLAGS "
                          "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 "
@@ -368,7 +368,8 @@ def main(argv=None) -> None:
         "params": cfg.num_params, "dtype": "float32", "remat": cfg.remat,
         "steps": a.steps, "warmup": a.warmup, "prompts": b, "group": g, "completions": n,
         "prompt_len": p, "new_tokens": t, "stop": a.stop, "stop_ids": list(trainer.stop_ids),
-        "temperature": 1.0, "beta": a.beta, "kl_estimator": "k3", "mu": 1, "lr": a.lr, "micro_batches": a.micro_batches,
+        "temperature": 1.0, "beta": a.beta, "kl_estimator": "k3", "mu": 1, "lr": a.lr,
+        "micro_batches": a.micro_batches,
         "rewards": dict(REWARD_WEIGHTS),
         "s_per_step": s_per_step, "s_per_step_all": times, "s_per_step_mean": statistics.mean(times),
         "cpu_per_wall": statistics.median(cpu), "tokens_per_s": tokens_per_s,
@@ -381,8 +382,8 @@ def main(argv=None) -> None:
         "ratio_of_peak": achieved / peak, "same_prompts_as_workload": bool(same_prompts),
         "compiled_variants": compiled_variants(trainer),
         "total_s": total_s, "backend": jax.default_backend(), "jax": jax.__version__,
-        "torch_imported": "torch" in sys.modules, "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc": malloc,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "torch_imported": "torch" in sys.modules, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "malloc": malloc, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         **cpu_info(),
     }
     print(json.dumps(result))
