@@ -9,17 +9,21 @@ benchmark's update program (3.2M-parameter model, 64 x 48 tokens), 77,600 minor 
 
 Two remedies, in order of preference:
 
-- `configure()` restarts the process (`os.execve`, same arguments) with
+Opt-in for now (`GRPO_JAX_MALLOC=auto` or `keep`; default `off`): with the restart on, the
+two-process test (`tests/test_multihost.py`) timed out at backend start ("GetKeyValue() timed out
+with key: cpu:local_topology/cpu/1"), a cause not yet understood.
+
+- `configure()` with `GRPO_JAX_MALLOC=auto` restarts the process (`os.execve`, same arguments) with
   `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: glibc then asks for transparent huge pages for its
   mappings (2 MiB pages: 512x fewer faults, fewer TLB misses). Tunables are read only at process
   start, hence the restart; it happens before JAX is imported and costs ~0.1 s. The `grpo-jax`
   command and the benchmark scripts call it first.
-- Where a restart is not possible (JAX already imported, no THP, not glibc, or
-  `GRPO_JAX_MALLOC=keep`), `retain_freed_memory()` uses `mallopt` so that freed memory stays in
+- Where a restart is not possible (JAX already imported, no THP, not glibc), or with
+  `GRPO_JAX_MALLOC=keep`, `retain_freed_memory()` uses `mallopt` so that freed memory stays in
   the process (one arena, no `mmap` for large blocks, no trimming): no faults after the first
   call, at the price of not returning freed memory to the system.
 
-`GRPO_JAX_MALLOC=off` disables both. Nothing here changes any computed value.
+Nothing here changes any computed value.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import os
 import platform
 import sys
 
-ENV = "GRPO_JAX_MALLOC"  # "auto" (default) | "keep" (mallopt only, no restart) | "off"
+ENV = "GRPO_JAX_MALLOC"  # "off" (default) | "auto" (restart with the tunable) | "keep" (mallopt)
 TUNABLE = "glibc.malloc.hugetlb=1"
 _MARK = "GRPO_JAX_MALLOC_APPLIED"  # set in the restarted process
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -60,7 +64,7 @@ def tunables_env(env: dict[str, str]) -> dict[str, str] | None:
     """The environment to restart with, or None when the tunable is not wanted or not usable:
     not Linux with glibc >= 2.35 (the first with `glibc.malloc.hugetlb`), no transparent huge
     pages, a `glibc.malloc.*` tunable already chosen by the user, or already restarted."""
-    mode = env.get(ENV, "auto")
+    mode = env.get(ENV, "off")
     if mode not in ("auto", "keep", "off"):
         raise ValueError(f"{ENV}={mode!r}: expected auto, keep or off")
     if mode != "auto" or env.get(_MARK) or not sys.platform.startswith("linux"):
@@ -94,7 +98,7 @@ def configure() -> str:
     env = dict(os.environ)
     if env.get(_MARK):
         return "hugetlb"
-    if env.get(ENV, "auto") == "off":
+    if env.get(ENV, "off") == "off":
         return "none"
     new_env = tunables_env(env)
     if new_env is not None and "jax" not in sys.modules:

@@ -11,29 +11,31 @@ import pytest
 
 from grpo_jax import hostmem
 
-USABLE = hostmem.tunables_env({}) is not None  # Linux, glibc >= 2.35, THP not "never"
+USABLE = hostmem.tunables_env({hostmem.ENV: "auto"}) is not None  # Linux, glibc >= 2.35, THP not "never"
 
 
 def test_tunables_env_rules(monkeypatch):
     monkeypatch.setattr(hostmem, "_glibc_version", lambda: (2, 36))
     monkeypatch.setattr(hostmem, "_thp_available", lambda: True)
     monkeypatch.setattr(hostmem.sys, "platform", "linux")
-    env = hostmem.tunables_env({"PATH": "/bin"})
+    assert hostmem.tunables_env({"PATH": "/bin"}) is None  # opt-in: off unless asked for
+    auto = {hostmem.ENV: "auto"}
+    env = hostmem.tunables_env({"PATH": "/bin", **auto})
     assert env["GLIBC_TUNABLES"] == hostmem.TUNABLE and env["PATH"] == "/bin"
     assert env[hostmem._MARK] == "1"
     # other tunables are kept, ours appended
-    env = hostmem.tunables_env({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512"})
+    env = hostmem.tunables_env({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512", **auto})
     assert env["GLIBC_TUNABLES"] == f"glibc.rtld.optional_static_tls=512:{hostmem.TUNABLE}"
     # no restart: already restarted, the user chose a malloc tunable, opted out, old glibc, no THP
-    assert hostmem.tunables_env({hostmem._MARK: "1"}) is None
-    assert hostmem.tunables_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) is None
+    assert hostmem.tunables_env({hostmem._MARK: "1", **auto}) is None
+    assert hostmem.tunables_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", **auto}) is None
     assert hostmem.tunables_env({hostmem.ENV: "off"}) is None
     assert hostmem.tunables_env({hostmem.ENV: "keep"}) is None
     monkeypatch.setattr(hostmem, "_glibc_version", lambda: (2, 31))
-    assert hostmem.tunables_env({}) is None
+    assert hostmem.tunables_env(auto) is None
     monkeypatch.setattr(hostmem, "_glibc_version", lambda: (2, 36))
     monkeypatch.setattr(hostmem, "_thp_available", lambda: False)
-    assert hostmem.tunables_env({}) is None
+    assert hostmem.tunables_env(auto) is None
     with pytest.raises(ValueError, match="GRPO_JAX_MALLOC='yes': expected auto, keep or off"):
         hostmem.tunables_env({hostmem.ENV: "yes"})
 
