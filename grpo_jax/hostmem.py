@@ -7,19 +7,17 @@ each execution and frees them at its end. glibc serves allocations that large wi
 benchmark's update program (3.2M-parameter model, 64 x 48 tokens), 77,600 minor page faults and
 ~130 ms of kernel time per call, a third of its wall time (docs/benchmarks.md).
 
-Two remedies, in order of preference:
-
-Opt-in for now (`GRPO_JAX_MALLOC=auto` or `keep`; default `off`): with the restart on, the
-two-process test (`tests/test_multihost.py`) timed out at backend start ("GetKeyValue() timed out
-with key: cpu:local_topology/cpu/1"), a cause not yet understood.
+Two remedies, opt-in for now (`GRPO_JAX_MALLOC=auto` or `keep`; default `off`: with the restart
+on by default, the two-process test `tests/test_multihost.py` timed out at backend start,
+"GetKeyValue() timed out with key: cpu:local_topology/cpu/1", a cause not yet understood):
 
 - `configure()` with `GRPO_JAX_MALLOC=auto` restarts the process (`os.execve`, same arguments) with
   `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: glibc then asks for transparent huge pages for its
   mappings (2 MiB pages: 512x fewer faults, fewer TLB misses). Tunables are read only at process
   start, hence the restart; it happens before JAX is imported and costs ~0.1 s. The `grpo-jax`
   command and the benchmark scripts call it first.
-- Where a restart is not possible (JAX already imported, no THP, not glibc), or with
-  `GRPO_JAX_MALLOC=keep`, `retain_freed_memory()` uses `mallopt` so that freed memory stays in
+- With `GRPO_JAX_MALLOC=keep`, or with `auto` where a restart is not possible (JAX already
+  imported, no THP, not glibc), `retain_freed_memory()` uses `mallopt` so that freed memory stays in
   the process (one arena, no `mmap` for large blocks, no trimming): no faults after the first
   call, at the price of not returning freed memory to the system.
 

@@ -288,7 +288,7 @@ def compiled_variants(trainer) -> dict:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    if argv is None:  # as `grpo-jax` runs: XLA's temporaries on huge pages (grpo_jax/hostmem.py)
+    if argv is None:  # the allocator setting `grpo-jax` uses (grpo_jax/hostmem.py)
         from grpo_jax import hostmem
 
         malloc = hostmem.configure()  # may restart this script once, before jax is imported

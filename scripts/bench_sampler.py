@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 
-if __name__ == "__main__":  # as `grpo-jax` runs: XLA's temporaries on huge pages (may restart once)
+if __name__ == "__main__":  # the allocator setting of `grpo-jax` (hostmem.py; may restart)
     from grpo_jax import hostmem
 
     MALLOC = hostmem.configure()

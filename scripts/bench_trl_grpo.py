@@ -106,9 +106,8 @@ def torch_matmul_peak(n: int, repeats: int) -> float:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    # The allocator setting that bench_grpo.py and `grpo-jax` use (huge pages for malloc; see
-    # grpo_jax/hostmem.py), so that both trainers run on the same allocator; GRPO_JAX_MALLOC=off
-    # measures torch with the system default instead.
+    # The allocator setting of bench_grpo.py and `grpo-jax` (grpo_jax/hostmem.py; off unless
+    # GRPO_JAX_MALLOC=auto|keep), so that both trainers can be run on the same allocator.
     if argv is None:
         from grpo_jax import hostmem
 
