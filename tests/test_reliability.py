@@ -106,6 +106,24 @@ def test_a_half_written_checkpoint_leaves_the_previous_one_loadable(tmp_path):
 # ----------------------------------------------------------------------------- exact resume
 
 
+# The subprocess runs add a reward that only takes time (0.3 s a step, always 0.0, so advantages and
+# parameters do not change). Without it a step takes 10-40 ms and the run could finish between the
+# test seeing row n and its signal arriving (that made the SIGTERM below land in the last step once).
+PACED_EXPERIMENT_FILE = EXPERIMENT_FILE + '''
+import dataclasses
+import time
+from grpo_jax.rewards import register_reward
+
+@register_reward("paced", overwrite=True)
+def paced(prompts, completions, **fields):
+    time.sleep(0.3)
+    return [0.0] * len(completions)
+
+CONFIG = dataclasses.replace(CONFIG, rewards=RewardConfig(
+    weights=CONFIG.rewards.weights + (("paced", 1.0),)))
+'''
+
+
 def _start(exp_file: Path, run_dir: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "grpo_jax.cli", "run", str(exp_file), "--run-dir", str(run_dir)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -127,7 +145,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     seed = random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
     exp_file = tmp_path / "exp.py"
-    exp_file.write_text(EXPERIMENT_FILE)
+    exp_file.write_text(PACED_EXPERIMENT_FILE)
 
     ref = _start(exp_file, tmp_path / "ref")
     out = ref.communicate(timeout=600)[0]
