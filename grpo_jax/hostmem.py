@@ -7,12 +7,10 @@ each execution and frees them at its end. glibc serves allocations that large wi
 benchmark's update program (3.2M-parameter model, 64 x 48 tokens), 77,600 minor page faults and
 ~130 ms of kernel time per call, a third of its wall time (docs/benchmarks.md).
 
-Two remedies, opt-in for now (`GRPO_JAX_MALLOC=auto` or `keep`; default `off`: with the restart
-on by default, the two-process test `tests/test_multihost.py` timed out at backend start,
-"GetKeyValue() timed out with key: cpu:local_topology/cpu/1", a cause not yet understood):
+Two remedies (`GRPO_JAX_MALLOC`: `auto`, the default, `keep`, or `off`):
 
-- `configure()` with `GRPO_JAX_MALLOC=auto` restarts the process (`os.execve`, same arguments) with
-  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: glibc then asks for transparent huge pages for its
+- `configure()` with `GRPO_JAX_MALLOC=auto` (the default) restarts the process (`os.execve`,
+  same arguments) with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: glibc then asks for transparent huge pages for its
   mappings (2 MiB pages: 512x fewer faults, fewer TLB misses). Tunables are read only at process
   start, hence the restart; it happens before JAX is imported and costs ~0.1 s. The `grpo-jax`
   command and the benchmark scripts call it first.
@@ -31,7 +29,7 @@ import os
 import platform
 import sys
 
-ENV = "GRPO_JAX_MALLOC"  # "off" (default) | "auto" (restart with the tunable) | "keep" (mallopt)
+ENV = "GRPO_JAX_MALLOC"  # "auto" (default: restart with the tunable) | "keep" (mallopt) | "off"
 TUNABLE = "glibc.malloc.hugetlb=1"
 _MARK = "GRPO_JAX_MALLOC_APPLIED"  # set in the restarted process
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -62,7 +60,7 @@ def tunables_env(env: dict[str, str]) -> dict[str, str] | None:
     """The environment to restart with, or None when the tunable is not wanted or not usable:
     not Linux with glibc >= 2.35 (the first with `glibc.malloc.hugetlb`), no transparent huge
     pages, a `glibc.malloc.*` tunable already chosen by the user, or already restarted."""
-    mode = env.get(ENV, "off")
+    mode = env.get(ENV, "auto")
     if mode not in ("auto", "keep", "off"):
         raise ValueError(f"{ENV}={mode!r}: expected auto, keep or off")
     if mode != "auto" or env.get(_MARK) or not sys.platform.startswith("linux"):
@@ -96,7 +94,7 @@ def configure() -> str:
     env = dict(os.environ)
     if env.get(_MARK):
         return "hugetlb"
-    if env.get(ENV, "off") == "off":
+    if env.get(ENV, "auto") == "off":
         return "none"
     new_env = tunables_env(env)
     if new_env is not None and "jax" not in sys.modules:

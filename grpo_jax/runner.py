@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -123,8 +124,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary sibling renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write a whole file or nothing: a temporary sibling (one per process) renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -175,7 +176,8 @@ def make_run_dir(exp: Experiment, name: str) -> Path:
         d = Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     try:
         d.mkdir(parents=True, exist_ok=True)
-        probe = d / ".write_test"
+        # One probe per process: the processes of a multi-host run open the same directory.
+        probe = d / f".write_test.{socket.gethostname()}.{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:  # found now, not at the first save

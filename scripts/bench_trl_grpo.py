@@ -106,14 +106,16 @@ def torch_matmul_peak(n: int, repeats: int) -> float:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    # The allocator setting of bench_grpo.py and `grpo-jax` (grpo_jax/hostmem.py; off unless
-    # GRPO_JAX_MALLOC=auto|keep), so that both trainers can be run on the same allocator.
-    if argv is None:
-        from grpo_jax import hostmem
+    # TRL runs on glibc's default allocator (it is slower with the huge-page tunable, measured),
+    # unless GRPO_JAX_MALLOC is set explicitly: then it gets the setting `grpo-jax` would use.
+    from grpo_jax import hostmem
 
+    if argv is not None:
+        malloc = "unchanged (called from Python)"
+    elif hostmem.ENV in os.environ:
         malloc = hostmem.configure()  # may restart this script once, before torch is imported
     else:
-        malloc = "unchanged (called from Python)"
+        malloc = "glibc default"
     t_start = time.perf_counter()
     rss_stages = {}
     import datasets

@@ -18,7 +18,7 @@ def test_tunables_env_rules(monkeypatch):
     monkeypatch.setattr(hostmem, "_glibc_version", lambda: (2, 36))
     monkeypatch.setattr(hostmem, "_thp_available", lambda: True)
     monkeypatch.setattr(hostmem.sys, "platform", "linux")
-    assert hostmem.tunables_env({"PATH": "/bin"}) is None  # opt-in: off unless asked for
+    assert hostmem.tunables_env({"PATH": "/bin"})["GLIBC_TUNABLES"] == hostmem.TUNABLE  # default
     auto = {hostmem.ENV: "auto"}
     env = hostmem.tunables_env({"PATH": "/bin", **auto})
     assert env["GLIBC_TUNABLES"] == hostmem.TUNABLE and env["PATH"] == "/bin"

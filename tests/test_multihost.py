@@ -67,3 +67,30 @@ def test_two_processes_equal_one_process_over_the_same_mesh(tmp_path):
             else:
                 assert ra[k] == rb[k], k
     assert _rows(tmp_path / "one" / "eval.jsonl") == _rows(tmp_path / "two" / "eval.jsonl")
+
+
+_OPEN_RUN_DIR = """
+import dataclasses, sys
+from grpo_jax.runner import make_run_dir
+ns = {}
+exec(open(sys.argv[1]).read(), ns)
+exp = dataclasses.replace(ns["CONFIG"], run_dir=sys.argv[2])
+for _ in range(300):
+    make_run_dir(exp, "x")
+"""
+
+
+def test_processes_opening_one_run_directory_at_once_do_not_trip_over_each_other(tmp_path):
+    """Every process of a multi-host run checks that the shared run directory is writable; two
+    of them checking at the same moment must not delete each other's probe file (that crashed
+    process 1 and left process 0 waiting for it at backend start), nor rename each other's
+    temporary file (here both are process 0 and write config.json)."""
+    exp_file = tmp_path / "exp.py"
+    exp_file.write_text(EXP)
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_RUN_DIR, str(exp_file), str(tmp_path / "run")],
+                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out[-3000:]
+    assert sorted(x.name for x in (tmp_path / "run").iterdir()) == ["config.json"]
