@@ -362,24 +362,30 @@ def load_tokenizer(path: str | os.PathLike, *, vocab_size: int | None = None,
                    trust_remote_code: bool = False):
     """The tokenizer of a model directory, loaded faithfully.
 
-    `AutoTokenizer` picks a class from the config; for some classes it rebuilds the tokenizer from
-    vocab/merges files instead of reading `tokenizer.json`. When the result disagrees with the
-    directory's own `tokenizer.json`, that file wins (loaded as a `PreTrainedTokenizerFast`)."""
+    First the class `tokenizer_config.json` names, loaded directly (no torch import), if it
+    reproduces `tokenizer.json`; else `AutoTokenizer`, which picks a class from the config and for
+    some classes rebuilds the tokenizer from vocab/merges files instead of reading
+    `tokenizer.json`. When that result disagrees with the directory's own `tokenizer.json`, the
+    file wins (loaded as a `PreTrainedTokenizerFast`, with the special tokens and chat template of
+    `tokenizer_config.json` / `chat_template.jinja`)."""
     import tokenizers
     import transformers
 
     d = resolve(path)
     tj = d / "tokenizer.json"
+    raw = tokenizers.Tokenizer.from_file(str(tj)) if tj.exists() else None
+    tok = _declared_tokenizer(d, raw)
+    if tok is not None:
+        return _checked(tok, d, vocab_size)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
     except Exception as e:
-        if not tj.exists():
+        if raw is None:
             raise CheckpointError(f"{d}: no tokenizer could be loaded ({type(e).__name__}: {e}); "
                                   "the directory needs tokenizer.json or the files of its "
                                   "tokenizer class") from e
         tok = None
-    if tj.exists():
-        raw = tokenizers.Tokenizer.from_file(str(tj))
+    if raw is not None:
         if tok is None or not _agrees(tok, raw):
             kw = {}
             tc = d / "tokenizer_config.json"
@@ -388,7 +394,37 @@ def load_tokenizer(path: str | os.PathLike, *, vocab_size: int | None = None,
                 kw = {k: conf[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token",
                                            "chat_template", "model_max_length")
                       if isinstance(conf.get(k), (str, int))}
+            if "chat_template" not in kw and (d / "chat_template.jinja").exists():
+                kw["chat_template"] = (d / "chat_template.jinja").read_text()
             tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, **kw)
+    return _checked(tok, d, vocab_size)
+
+
+def _declared_tokenizer(d: Path, raw):
+    """The tokenizer class that `tokenizer_config.json` names, loaded directly, if it reproduces
+    the directory's `tokenizer.json`; else None. `AutoTokenizer` would first build the model's
+    config, and importing `transformers`' config code imports torch when it is installed
+    (+216 MiB of resident memory, measured), which a JAX process does not need."""
+    import transformers
+
+    tc = d / "tokenizer_config.json"
+    if raw is None or not tc.exists():
+        return None
+    conf = json.loads(tc.read_text())
+    name = conf.get("tokenizer_class")
+    if not isinstance(name, str) or "auto_map" in conf:  # remote code: AutoTokenizer's business
+        return None
+    cls = getattr(transformers, name, None) or getattr(transformers, name.removesuffix("Fast"), None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        return None
+    try:
+        tok = cls.from_pretrained(d)
+    except Exception:  # noqa: BLE001 (any failure: let AutoTokenizer try)
+        return None
+    return tok if _agrees(tok, raw) else None
+
+
+def _checked(tok, d: Path, vocab_size: int | None):
     if vocab_size is not None and len(tok) > vocab_size:
         raise CheckpointError(f"{d}: the tokenizer has {len(tok)} tokens but the model's vocabulary "
                               f"has {vocab_size} rows; ids past {vocab_size - 1} would index "

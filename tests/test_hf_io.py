@@ -148,6 +148,26 @@ def test_custom_tokenizer_json_is_not_replaced_by_the_config_class(tmp_path, hf_
     want = char_tokenizer()(text).input_ids
     auto = transformers.AutoTokenizer.from_pretrained(d)(text).input_ids
     assert auto != want  # the trap this loader exists for (if transformers fixes it, fine too)
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    (d / "chat_template.jinja").write_text(template)
     tok = hf_io.load_tokenizer(d, vocab_size=128)
     assert tok(text).input_ids == want
     assert tok.eos_token == "</s>" and tok.pad_token_id == 0
+    assert tok.chat_template == template  # kept by the tokenizer.json fallback too
+
+
+def test_tokenizer_loads_without_importing_torch(tmp_path, hf_dir_factory):
+    """The class tokenizer_config.json names is loaded directly: AutoTokenizer would import
+    torch (+216 MiB resident) through transformers' config code, in a process that runs JAX."""
+    import subprocess
+    import sys
+
+    d = hf_dir_factory("qwen2")[0]
+    code = ("import sys; from grpo_jax import hf_io; "
+            f"tok = hf_io.load_tokenizer({str(d)!r}); "
+            "print(type(tok).__name__, 'torch' in sys.modules, tok('12+3 = 15').input_ids)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    name, torch_imported, ids = out.stdout.strip().split(" ", 2)
+    assert torch_imported == "False" and name == "TokenizersBackend"  # the declared class
+    assert ids == str(char_tokenizer()("12+3 = 15").input_ids)
