@@ -116,7 +116,8 @@ def demo(args: DemoArgs) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if argv is None:  # the `grpo-jax` program itself (not a call from Python code)
+    program = argv is None  # the `grpo-jax` program itself (not a call from Python code)
+    if program:
         from grpo_jax import hostmem
 
         hostmem.configure()  # may restart this process once, before JAX is imported
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:17s} {text}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     cmd, rest = argv[0], argv[1:]
+    if program:
+        hostmem.trim_after_compiles()  # every command runs JAX programs
     if cmd in ENTRY_POINTS:  # imported on use: `grpo-jax --help` stays fast
         module, function = ENTRY_POINTS[cmd]
         getattr(importlib.import_module(module), function)(rest)

@@ -19,6 +19,13 @@ Two remedies (`GRPO_JAX_MALLOC`: `auto`, the default, `keep`, or `off`):
   the process (one arena, no `mmap` for large blocks, no trimming): no faults after the first
   call, at the price of not returning freed memory to the system.
 
+A third setting lowers the peak memory rather than the faults: compiling a big program (the GRPO
+update: ~500 MB of compiler memory for the 3.2M-parameter benchmark model) leaves hundreds of MB
+freed but still mapped in glibc's heaps, and the program's first run then stacks its temporaries
+on top. `trim_after_compiles()` registers a JAX monitoring listener that calls `malloc_trim(0)`
+after every compilation longer than `TRIM_AFTER_COMPILE_S`, returning that memory to the system
+(measured: 892 -> 576 MiB resident). `grpo-jax` registers it unless `GRPO_JAX_MALLOC=off`.
+
 Nothing here changes any computed value.
 """
 
@@ -85,6 +92,40 @@ def retain_freed_memory() -> bool:
         return False
     return all(libc.mallopt(p, v) == 1 for p, v in
                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+
+
+TRIM_AFTER_COMPILE_S = 0.5  # shorter compilations leave little garbage; trimming costs ~ms
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+_trim_listener = None
+
+
+def trim() -> bool:
+    """Return the free memory of glibc's heaps to the system (`malloc_trim(0)`); True if done."""
+    if _glibc_version() is None:
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def trim_after_compiles() -> bool:
+    """Call `trim()` after each XLA compilation that took longer than `TRIM_AFTER_COMPILE_S`
+    (a `jax.monitoring` listener, registered once). Imports JAX; False where glibc is absent
+    or `GRPO_JAX_MALLOC=off`."""
+    global _trim_listener
+    if _glibc_version() is None or os.environ.get(ENV, "auto") == "off":
+        return False
+    if _trim_listener is None:
+        from jax import monitoring
+
+        def listener(name, duration_s, **_):
+            if name == COMPILE_EVENT and duration_s >= TRIM_AFTER_COMPILE_S:
+                trim()
+
+        monitoring.register_event_duration_secs_listener(listener)
+        _trim_listener = listener
+    return True
 
 
 def configure() -> str:

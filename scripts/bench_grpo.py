@@ -302,6 +302,8 @@ def main(argv=None) -> None:
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
     import jax
 
+    if argv is None:
+        malloc += ", trim after compiles" if hostmem.trim_after_compiles() else ""
     rss_stages = {"after_import": peak_rss_mib()}
     trainer, state, ref_params, cfg, tok, exp = build(a)
     rss_stages["after_build"] = peak_rss_mib()

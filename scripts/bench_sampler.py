@@ -54,6 +54,9 @@ from grpo_jax import hf_io
 from grpo_jax.config import ModelConfig, SamplerConfig
 from grpo_jax.sampler import Sampler
 
+if __name__ == "__main__" and hostmem.trim_after_compiles():
+    MALLOC += ", trim after compiles"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

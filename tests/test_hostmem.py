@@ -98,3 +98,23 @@ def test_restart_applies_the_tunable_and_cuts_page_faults(tmp_path):
     assert tuned["value"] == plain["value"]  # nothing computed changes
     # 2 MiB pages: far fewer faults for the same temporaries (measured: ~60x fewer)
     assert tuned["faults"] * 8 < plain["faults"], (tuned, plain)
+
+
+@pytest.mark.skipif(hostmem._glibc_version() is None, reason="malloc_trim is glibc's")
+def test_memory_is_trimmed_after_long_compilations(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    calls = []
+    monkeypatch.setattr(hostmem, "trim", lambda: calls.append(1) or True)
+    monkeypatch.delenv(hostmem.ENV, raising=False)
+    assert hostmem.trim_after_compiles() and hostmem.trim_after_compiles()  # registered once
+    x = jnp.ones(7)
+    monkeypatch.setattr(hostmem, "TRIM_AFTER_COMPILE_S", 0.0)
+    jax.jit(lambda x: jnp.sin(x) * 3.25 + 0.5)(x).block_until_ready()  # one new program
+    assert len(calls) == 1  # the listener saw the compilation event (its name is right)
+    monkeypatch.setattr(hostmem, "TRIM_AFTER_COMPILE_S", 1e9)
+    jax.jit(lambda x: jnp.cos(x) * 1.25)(x).block_until_ready()
+    assert len(calls) == 1  # short compilations are not trimmed after
+    monkeypatch.setenv(hostmem.ENV, "off")
+    assert not hostmem.trim_after_compiles()
