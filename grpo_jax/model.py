@@ -97,6 +97,42 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
 # ----------------------------------------------------------------------------- building blocks
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Array:
+    """x [..., *K] . w [*K, *O] -> [..., *O]: the last `n_in` dims of x contracted with the first
+    `n_in` of w, as one 2-D matmul [M, K] x [K, O] (`out_dtype`: the preferred element type).
+
+    Its gradient is written out as 2-D matmuls too: dx = g w^T, dw = x^T g (contracting the M
+    rows of both). Left to autodiff, the einsum's weight gradient contracts over the batch and
+    length dims, and XLA:CPU lays the activation gradient out transposed for it, in loop fusions
+    that write across rows: measured 24 such copies and 180 -> 126 ms for the gradient of four
+    SwiGLU MLPs on [2048, 256] tokens (docs/benchmarks.md, session 4)."""
+    return _dense_fwd(x, w, n_in, out_dtype)[0]
+
+
+def _dense_2d(x, w, n_in):
+    k = math.prod(w.shape[:n_in])
+    return x.reshape(-1, k), w.reshape(k, -1)
+
+
+def _dense_fwd(x, w, n_in, out_dtype):
+    x2, w2 = _dense_2d(x, w, n_in)
+    y = jax.lax.dot_general(x2, w2, (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+    return y.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:]), (x, w)
+
+
+def _dense_bwd(n_in, out_dtype, res, g):
+    x, w = res
+    x2, w2 = _dense_2d(x, w, n_in)
+    g2 = g.reshape(x2.shape[0], w2.shape[1])
+    dx = jax.lax.dot_general(g2, w2, (((1,), (1,)), ((), ())), preferred_element_type=x.dtype)
+    dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=w.dtype)
+    return dx.reshape(x.shape), dw.reshape(w.shape)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -163,9 +199,9 @@ def _qkv(x, lp, cfg: ModelConfig, positions, inv_freq):
     """Queries [B, L, H, Hd] and head-major keys/values [B, K, L, Hd], RoPE applied."""
     cd = DTYPES[cfg.compute_dtype]
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).astype(cd)
-    q = jnp.einsum("bld,dhk->blhk", h, lp["wq"].astype(cd))
-    k = jnp.einsum("bld,dhk->blhk", h, lp["wk"].astype(cd))
-    v = jnp.einsum("bld,dhk->blhk", h, lp["wv"].astype(cd))
+    q = dense(h, lp["wq"].astype(cd))
+    k = dense(h, lp["wk"].astype(cd))
+    v = dense(h, lp["wv"].astype(cd))
     if cfg.attention_bias:
         q, k, v = q + lp["bq"].astype(cd), k + lp["bk"].astype(cd), v + lp["bv"].astype(cd)
     if cfg.qk_norm:
@@ -178,15 +214,15 @@ def _qkv(x, lp, cfg: ModelConfig, positions, inv_freq):
 def _attn_out_mlp(x, o_BxLxHxHd, lp, cfg: ModelConfig):
     """Output projection + residual, then the SwiGLU MLP + residual."""
     cd = DTYPES[cfg.compute_dtype]
-    o = jnp.einsum("blhk,hkd->bld", o_BxLxHxHd, lp["wo"].astype(cd))
+    o = dense(o_BxLxHxHd, lp["wo"].astype(cd), 2)
     if cfg.attention_out_bias:
         o = o + lp["bo"].astype(cd)
     x = x + o.astype(x.dtype)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps).astype(cd)
-        gate = jax.nn.silu(jnp.einsum("bld,df->blf", h, lp["w_gate"].astype(cd)))
-        up = jnp.einsum("bld,df->blf", h, lp["w_up"].astype(cd))
-        x = x + jnp.einsum("blf,fd->bld", gate * up, lp["w_down"].astype(cd)).astype(x.dtype)
+        gate = jax.nn.silu(dense(h, lp["w_gate"].astype(cd)))
+        up = dense(h, lp["w_up"].astype(cd))
+        x = x + dense(gate * up, lp["w_down"].astype(cd)).astype(x.dtype)
     return constrain(x, RESIDUAL_AXES)
 
 
@@ -259,8 +295,7 @@ def unembed(params: Params, h_BxLxD: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Float32 logits [B, L, V]."""
     cd = DTYPES[cfg.compute_dtype]
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("bld,dv->blv", h_BxLxD.astype(cd), w.astype(cd),
-                      preferred_element_type=jnp.float32)
+    return dense(h_BxLxD.astype(cd), w.astype(cd), 1, jnp.float32)
 
 
 def _causal_allowed(mask_BxL: jax.Array) -> jax.Array:

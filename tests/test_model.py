@@ -181,3 +181,24 @@ def test_scanned_and_unrolled_layers_agree():
     np.testing.assert_allclose(out[True][0], out[False][0], atol=1e-5)
     for a, b in zip(jax.tree.leaves(out[True][1]), jax.tree.leaves(out[False][1])):
         np.testing.assert_allclose(a, b, atol=1e-4 * float(np.abs(a).max()))
+
+
+@pytest.mark.parametrize("n_in,dtype,out_dtype", [(1, jnp.float32, None), (2, jnp.float32, None),
+                                                  (1, jnp.bfloat16, jnp.float32)])
+def test_dense_and_its_gradient_equal_the_einsum(n_in, dtype, out_dtype):
+    """model.dense (a 2-D matmul with a hand-written gradient) against jnp.einsum + autodiff."""
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 5, 4, 6)).astype(dtype)  # [B, L, H, Hd] or [B, L, ., D]
+    w = jax.random.normal(kw, (4, 6, 7) if n_in == 2 else (6, 2, 7)).astype(dtype)
+    spec = "blhk,hkd->bld" if n_in == 2 else "blhd,dof->blhof"
+    einsum = lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+    ours = lambda x, w: M.dense(x, w, n_in, out_dtype)
+    g = jax.random.normal(kg, einsum(x, w).shape, jnp.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(ours(x, w).astype(jnp.float32), einsum(x, w).astype(jnp.float32),
+                               rtol=tol, atol=tol)
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * g)
+    got, want = jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(einsum), (0, 1))(x, w)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), rtol=tol, atol=tol)
