@@ -7,8 +7,8 @@ the accuracy + format rewards (r = r_acc + 0.3 r_fmt) in the User/Assistant temp
 rate and held-out pass@1 rise, as in DeepSeek-R1-Zero.
 
 Run:    grpo-jax run experiments/tiny_r1_zero.py
-Expect: held-out pass@1 (256 problems x 4 samples, temperature 0.6, top-p 0.95) 0.099 -> 0.362,
-        format rate 0.18 -> 1.00, greedy accuracy 0.035 -> 0.363; 169 s on 2 CPU cores
+Expect: held-out pass@1 (256 problems x 4 samples, temperature 0.6, top-p 0.95) 0.081 -> 0.355,
+        format rate 0.17 -> 1.00, greedy accuracy 0.051 -> 0.355; 115 s on 2 CPU cores
         (AMD EPYC, jax 0.10.2, 2026-11-22; docs/benchmarks.md).
 """
 
