@@ -345,7 +345,10 @@ def logprobs_from_hidden(params: Params, h_BxTxD, targets_BxT, cfg: ModelConfig,
         ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
         return picked, ent
 
-    logps, ents = jax.lax.map(chunk, (h, tg))
+    if h.shape[0] == 1:  # one chunk: no loop around it
+        logps, ents = jax.tree.map(lambda x: x[None], chunk((h[0], tg[0])))
+    else:
+        logps, ents = jax.lax.map(chunk, (h, tg))
     logps = logps.swapaxes(0, 1).reshape(b, -1)[:, :t]
     ents = ents.swapaxes(0, 1).reshape(b, -1)[:, :t]
     return (logps, ents) if return_entropy else logps
