@@ -10,8 +10,8 @@ benchmark's update program (3.2M-parameter model, 64 x 48 tokens), 77,600 minor 
 Two remedies (`GRPO_JAX_MALLOC`: `auto`, the default, `keep`, or `off`):
 
 - `configure()` with `GRPO_JAX_MALLOC=auto` (the default) restarts the process (`os.execve`,
-  same arguments) with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: glibc then asks for transparent huge pages for its
-  mappings (2 MiB pages: 512x fewer faults, fewer TLB misses). Tunables are read only at process
+  same arguments) with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: glibc then asks for transparent
+  huge pages for its mappings (2 MiB pages: 512x fewer faults, fewer TLB misses). Tunables are read only at process
   start, hence the restart; it happens before JAX is imported and costs ~0.1 s. The `grpo-jax`
   command and the benchmark scripts call it first.
 - With `GRPO_JAX_MALLOC=keep`, or with `auto` where a restart is not possible (JAX already
@@ -95,7 +95,8 @@ def retain_freed_memory() -> bool:
 
 
 TRIM_AFTER_COMPILE_S = 0.5  # shorter compilations leave little garbage; trimming costs ~ms
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+# jax._src.dispatch.BACKEND_COMPILE_EVENT, recorded after every XLA compilation
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _trim_listener = None
 
 
