@@ -11,9 +11,9 @@ Two remedies (`GRPO_JAX_MALLOC`: `auto`, the default, `keep`, or `off`):
 
 - `configure()` with `GRPO_JAX_MALLOC=auto` (the default) restarts the process (`os.execve`,
   same arguments) with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: glibc then asks for transparent
-  huge pages for its mappings (2 MiB pages: 512x fewer faults, fewer TLB misses). Tunables are read only at process
-  start, hence the restart; it happens before JAX is imported and costs ~0.1 s. The `grpo-jax`
-  command and the benchmark scripts call it first.
+  huge pages for its mappings (2 MiB pages: 512x fewer faults, fewer TLB misses). Tunables are
+  read only at process start, hence the restart; it happens before JAX is imported and costs
+  ~0.1 s. The `grpo-jax` command and the benchmark scripts call it first.
 - With `GRPO_JAX_MALLOC=keep`, or with `auto` where a restart is not possible (JAX already
   imported, no THP, not glibc), `retain_freed_memory()` uses `mallopt` so that freed memory stays in
   the process (one arena, no `mmap` for large blocks, no trimming): no faults after the first
