@@ -117,54 +117,82 @@ def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig):
     return tok.astype(jnp.int32), pick, sample_logp
 
 
+def _stop_ids(scfg: SamplerConfig) -> jax.Array:
+    return jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
+
+
+def prefill_state(params: Params, cache: Cache, tokens_BxP, mask_BxP, *, cfg: ModelConfig,
+                  t_max: int, group_size: int, pad_id: int) -> dict:
+    """The decode loop's first state: each prompt prefilled once, then each of its G rows given a
+    copy of its cache, the last logits, the key mask and the next positions, and empty outputs."""
+    b, p = tokens_BxP.shape
+    n = b * group_size
+    prompt_cache = jax.tree.map(lambda c: c[:b], cache)
+    kv_mask = jnp.concatenate([mask_BxP, jnp.zeros((b, t_max), bool)], axis=1)
+    positions = positions_from_mask(mask_BxP)
+    logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=prompt_cache, index=0,
+                                       positions_BxL=positions, kv_mask_BxS=kv_mask, last_only=True)
+    rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
+    cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(rep(pc[:, :, :p])), cache, prompt_cache)
+    return dict(last=rep(logits[:, -1]), cache=cache, kv_mask=rep(kv_mask),
+                pos=rep(positions[:, -1] + 1), done=jnp.zeros((n,), bool),
+                tokens=jnp.full((n, t_max), pad_id, jnp.int32), mask=jnp.zeros((n, t_max), bool),
+                logps=jnp.zeros((n, t_max), jnp.float32),
+                sample_logps=jnp.zeros((n, t_max), jnp.float32))
+
+
+def decode_step(params: Params, key, s: dict, t, *, cfg: ModelConfig, scfg: SamplerConfig,
+                prompt_len: int, pad_id: int) -> dict:
+    """One step of the decode loop on state `s` (`prefill_state`): sample new token t of every
+    row from the last logits, write it and run it through the model. Rows already done get
+    `pad_id` and keep their masks and log-probs unchanged."""
+    tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg)
+    live = ~s["done"]
+    tok = jnp.where(live, tok, pad_id)
+    done = s["done"] | jnp.isin(tok, _stop_ids(scfg))
+    kv_mask = s["kv_mask"].at[:, prompt_len + t].set(live)
+    logits, cache = cached_step(params, tok[:, None], cfg, cache=s["cache"], index=prompt_len + t,
+                                positions_BxL=s["pos"][:, None], kv_mask_BxS=kv_mask)
+    col = lambda a, v: a.at[:, t].set(jnp.where(live, v, 0).astype(a.dtype))
+    return dict(last=logits[:, 0], cache=cache, kv_mask=kv_mask, pos=s["pos"] + 1,
+                done=done, tokens=s["tokens"].at[:, t].set(tok), mask=col(s["mask"], True),
+                logps=col(s["logps"], logp), sample_logps=col(s["sample_logps"], slogp))
+
+
+def decode_loop(step, init: dict, t_max: int) -> dict:
+    """`step(s, t) -> s` from `init` until t_max tokens or until every row is done."""
+    def cond(carry):
+        t, s = carry
+        return (t < t_max) & ~jnp.all(s["done"])
+
+    def body(carry):
+        t, s = carry
+        return t + 1, step(s, t)
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), init))[1]
+
+
+def samples_of(s: dict, scfg: SamplerConfig) -> Samples:
+    """The `Samples` of a finished decode state (any leading batch dims)."""
+    lengths = s["mask"].sum(-1).astype(jnp.int32)
+    last_tok = jnp.take_along_axis(s["tokens"], jnp.maximum(lengths - 1, 0)[..., None], -1)[..., 0]
+    truncated = (lengths == scfg.max_new_tokens) & ~jnp.isin(last_tok, _stop_ids(scfg))
+    return Samples(tokens=s["tokens"], mask=s["mask"], lengths=lengths, logps=s["logps"],
+                   sample_logps=s["sample_logps"], truncated=truncated)
+
+
 def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: ModelConfig,
               scfg: SamplerConfig, group_size: int, pad_id: int):
-    b, p = tokens_BxP.shape
-    t_max, n = scfg.max_new_tokens, b * group_size
     with jax.named_scope("prefill"):
-        prompt_cache = jax.tree.map(lambda c: c[:b], cache)
-        kv_mask = jnp.concatenate([mask_BxP, jnp.zeros((b, t_max), bool)], axis=1)
-        positions = positions_from_mask(mask_BxP)
-        logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=prompt_cache, index=0,
-                                           positions_BxL=positions, kv_mask_BxS=kv_mask,
-                                           last_only=True)
-        # Prefill each prompt once, then give each of its G rows a copy of the cache.
-        rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
-        cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(rep(pc[:, :, :p])), cache, prompt_cache)
-        last, kv_mask, pos = rep(logits[:, -1]), rep(kv_mask), rep(positions[:, -1] + 1)
-    stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
-
-    def cond(s):
-        return (s["t"] < t_max) & ~jnp.all(s["done"])
-
-    def body(s):
-        t = s["t"]
-        tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg)
-        live = ~s["done"]
-        tok = jnp.where(live, tok, pad_id)
-        done = s["done"] | jnp.isin(tok, stop_ids)
-        kv_mask = s["kv_mask"].at[:, p + t].set(live)
-        logits, cache = cached_step(params, tok[:, None], cfg, cache=s["cache"], index=p + t,
-                                    positions_BxL=s["pos"][:, None], kv_mask_BxS=kv_mask)
-        col = lambda a, v: a.at[:, t].set(jnp.where(live, v, 0).astype(a.dtype))
-        return dict(t=t + 1, last=logits[:, 0], cache=cache, kv_mask=kv_mask, pos=s["pos"] + 1,
-                    done=done, tokens=s["tokens"].at[:, t].set(tok), mask=col(s["mask"], True),
-                    logps=col(s["logps"], logp), sample_logps=col(s["sample_logps"], slogp))
-
-    init = dict(t=jnp.int32(0), last=last, cache=cache, kv_mask=kv_mask, pos=pos,
-                done=jnp.zeros((n,), bool), tokens=jnp.full((n, t_max), pad_id, jnp.int32),
-                mask=jnp.zeros((n, t_max), bool), logps=jnp.zeros((n, t_max), jnp.float32),
-                sample_logps=jnp.zeros((n, t_max), jnp.float32))
+        init = prefill_state(params, cache, tokens_BxP, mask_BxP, cfg=cfg,
+                             t_max=scfg.max_new_tokens, group_size=group_size, pad_id=pad_id)
+    step = functools.partial(decode_step, params, key, cfg=cfg, scfg=scfg,
+                             prompt_len=tokens_BxP.shape[1], pad_id=pad_id)
     with jax.named_scope("decode"):
-        s = jax.lax.while_loop(cond, body, init)
-    lengths = s["mask"].sum(-1).astype(jnp.int32)
-    last_tok = jnp.take_along_axis(s["tokens"], jnp.maximum(lengths - 1, 0)[:, None], 1)[:, 0]
-    truncated = (lengths == t_max) & ~jnp.isin(last_tok, stop_ids)
-    out = Samples(tokens=s["tokens"], mask=s["mask"], lengths=lengths, logps=s["logps"],
-                  sample_logps=s["sample_logps"], truncated=truncated)
+        s = decode_loop(step, init, scfg.max_new_tokens)
     # On a mesh: the results split like the batch, the cache as it came in (so that it can be
     # donated again without a recompile).
-    out = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), out)
+    out = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), samples_of(s, scfg))
     return out, jax.tree.map(lambda c: constrain(c, CACHE_AXES), s["cache"])
 
 

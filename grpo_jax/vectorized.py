@@ -71,9 +71,9 @@ import numpy as np
 
 from grpo_jax import model
 from grpo_jax.config import Experiment, ModelConfig
-from grpo_jax.model import cached_step, positions_from_mask
 from grpo_jax.optim import lr_schedule, make_optimizer
-from grpo_jax.sampler import Samples, pad_prompts, sample_token
+from grpo_jax.sampler import (Samples, decode_loop, decode_step, pad_prompts, prefill_state,
+                              samples_of)
 from grpo_jax.tasks.templates import format_prompt
 from grpo_jax.trainer import GRPOTrainer, TrainState, host_batch, prompt_ids
 
@@ -103,61 +103,22 @@ def generate_runs(params, cache, tokens_RxBxP, mask_RxBxP, keys_R, *, cfg: Model
                   group_size: int, pad_id: int):
     """`sampler._generate` for R runs at once (params, cache, prompts and keys lead with R).
 
-    The prefill and each decode step are vmapped over the runs inside one `while_loop` with a
-    shared step counter that stops when every row of every run is done. (Vmapping `_generate`
+    The prefill and each decode step (`sampler.prefill_state`, `sampler.decode_step`) are vmapped
+    over the runs inside one `while_loop` (`sampler.decode_loop`) with a shared step counter that stops when every row of every run is done. (Vmapping `_generate`
     whole would batch the loop's predicate: JAX then selects every carry, the whole KV cache
     included, at every step and turns the cache writes into scatters: 1.5x slower on CPU.) A
     run whose rows are all done keeps stepping as no-ops (pad tokens, masks unchanged), exactly
     as done rows do in `_generate`, so its samples are those of `_generate`."""
-    b, p = tokens_RxBxP.shape[1:]
-    t_max, n = scfg.max_new_tokens, b * group_size
-    rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
-
-    def prefill(params, cache, tokens_BxP, mask_BxP):
-        prompt_cache = jax.tree.map(lambda c: c[:b], cache)
-        kv_mask = jnp.concatenate([mask_BxP, jnp.zeros((b, t_max), bool)], axis=1)
-        positions = positions_from_mask(mask_BxP)
-        logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=prompt_cache, index=0,
-                                           positions_BxL=positions, kv_mask_BxS=kv_mask)
-        cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(rep(pc[:, :, :p])), cache, prompt_cache)
-        return dict(last=rep(logits[:, -1]), cache=cache, kv_mask=rep(kv_mask),
-                    pos=rep(positions[:, -1] + 1), done=jnp.zeros((n,), bool),
-                    tokens=jnp.full((n, t_max), pad_id, jnp.int32), mask=jnp.zeros((n, t_max), bool),
-                    logps=jnp.zeros((n, t_max), jnp.float32),
-                    sample_logps=jnp.zeros((n, t_max), jnp.float32))
-
-    stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
-
-    def decode_step(params, key, s, t):  # the body of `_generate`'s loop, for one run
-        tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg)
-        live = ~s["done"]
-        tok = jnp.where(live, tok, pad_id)
-        done = s["done"] | jnp.isin(tok, stop_ids)
-        kv_mask = s["kv_mask"].at[:, p + t].set(live)
-        logits, cache = cached_step(params, tok[:, None], cfg, cache=s["cache"], index=p + t,
-                                    positions_BxL=s["pos"][:, None], kv_mask_BxS=kv_mask)
-        col = lambda a, v: a.at[:, t].set(jnp.where(live, v, 0).astype(a.dtype))
-        return dict(last=logits[:, 0], cache=cache, kv_mask=kv_mask, pos=s["pos"] + 1,
-                    done=done, tokens=s["tokens"].at[:, t].set(tok), mask=col(s["mask"], True),
-                    logps=col(s["logps"], logp), sample_logps=col(s["sample_logps"], slogp))
-
-    def cond(carry):
-        t, s = carry
-        return (t < t_max) & ~jnp.all(s["done"])
-
-    def body(carry):
-        t, s = carry
-        return t + 1, jax.vmap(decode_step, in_axes=(0, 0, 0, None))(params, keys_R, s, t)
-
+    prefill = functools.partial(prefill_state, cfg=cfg, t_max=scfg.max_new_tokens,
+                                group_size=group_size, pad_id=pad_id)
+    one_step = functools.partial(decode_step, cfg=cfg, scfg=scfg,
+                                 prompt_len=tokens_RxBxP.shape[2], pad_id=pad_id)
+    step = lambda s, t: jax.vmap(one_step, in_axes=(0, 0, 0, None))(params, keys_R, s, t)
     with jax.named_scope("prefill"):
         init = jax.vmap(prefill)(params, cache, tokens_RxBxP, mask_RxBxP)
     with jax.named_scope("decode"):
-        _, s = jax.lax.while_loop(cond, body, (jnp.int32(0), init))
-    lengths = s["mask"].sum(-1).astype(jnp.int32)
-    last_tok = jnp.take_along_axis(s["tokens"], jnp.maximum(lengths - 1, 0)[..., None], -1)[..., 0]
-    truncated = (lengths == t_max) & ~jnp.isin(last_tok, stop_ids)
-    return Samples(tokens=s["tokens"], mask=s["mask"], lengths=lengths, logps=s["logps"],
-                   sample_logps=s["sample_logps"], truncated=truncated), s["cache"]
+        s = decode_loop(step, init, scfg.max_new_tokens)
+    return samples_of(s, scfg), s["cache"]
 
 
 # ----------------------------------------------------------------------------- training
