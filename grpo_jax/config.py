@@ -440,6 +440,10 @@ class Experiment:
     pretrain: PretrainConfig | None = None
     mesh: MeshConfig = MeshConfig()  # device mesh when there is more than one device
     dist: DistConfig = DistConfig()
+    # CPU backend, one process: XLA CPU devices that `grpo-jax run` creates before JAX starts
+    # (0: one per core; 1: one device). Rollouts and evaluations decode data-parallel over them,
+    # training stays on one device (sharding.use_cpu_devices; docs/benchmarks.md, session 5).
+    cpu_devices: int = 0
     run_dir: str | None = None  # None: a new directory under runs/; an existing one resumes
     max_nonfinite_steps: int = 3  # stop after this many steps in a row with skipped updates
     allow_config_change: bool = False  # resume although the config differs from the run's
@@ -448,6 +452,8 @@ class Experiment:
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps",
                f"must be >= 1, got {self.max_nonfinite_steps}")
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        _check(self.cpu_devices >= 0, "cpu_devices",
+               f"must be >= 0 (0: one per core), got {self.cpu_devices}")
         _check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         mb = self.grpo.minibatches * self.optim.micro_batches
         _check(self.prompts_per_step % mb == 0, "grpo.minibatches",

@@ -267,13 +267,15 @@ class PipelineRun:
 
     def _RejectionStage(self, st: RejectionStage, d: Path) -> dict:
         from grpo_jax.rejection import rejection_sample, write_dataset
+        from grpo_jax.sharding import cpu_rollout_mesh
 
         cfg, params, tok = self.policy(st.policy)
         examples = self.task.train(st.prompts, seed=self.pipe.seed * 7 + 11 + len(st.name))
         rows, stats = rejection_sample(
             params, cfg, tok, examples, st.rejection, template=self.pipe.data.template,
             key=jax.random.fold_in(jax.random.key(self.pipe.seed), 3), source=str(self.stage_dir(st.policy)),
-            max_prompt_tokens=self.pipe.data.max_prompt_tokens, batch_prompts=st.batch_prompts)
+            max_prompt_tokens=self.pipe.data.max_prompt_tokens, batch_prompts=st.batch_prompts,
+            mesh=cpu_rollout_mesh())
         write_dataset(rows, stats, d / "dataset.jsonl")
         self.say(f"{st.name}: kept {stats['accepted']} of {stats['samples']} samples "
                  f"({stats['acceptance_rate']:.1%})")
@@ -281,6 +283,7 @@ class PipelineRun:
 
     def _EvalStage(self, st: EvalStage, d: Path) -> dict:
         from grpo_jax.evaluation import evaluate_policy
+        from grpo_jax.sharding import cpu_rollout_mesh
 
         ev, data = self.pipe.eval, self.pipe.data
         examples = self.task.eval(data.eval_problems)
@@ -291,7 +294,7 @@ class PipelineRun:
                                   samples=ev.samples, temperature=ev.temperature, top_p=ev.top_p,
                                   max_new_tokens=self.max_new_tokens(), reward=ev.reward,
                                   max_prompt_tokens=data.max_prompt_tokens,
-                                  batch_prompts=ev.batch_prompts,
+                                  batch_prompts=ev.batch_prompts, mesh=cpu_rollout_mesh(),
                                   key=jax.random.fold_in(jax.random.key(self.pipe.seed), 99))
             results[label] = {"stage": name, **res}
             self.say(f"{st.name}: {label} ({name}): pass@1 {res['pass_at_1']:.3f}, cons@"

@@ -168,7 +168,7 @@ def filter_samples(examples: list[Example], gens: Generations, rcfg: RejectionCo
 
 def rejection_sample(params, cfg: ModelConfig, tok, examples: list[Example], rcfg: RejectionConfig,
                      *, template: str, key: jax.Array, max_prompt_tokens: int, batch_prompts: int,
-                     source: str, bucket: int = 16,
+                     source: str, bucket: int = 16, mesh=None,
                      progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
     """Sample `rcfg.samples_per_prompt` completions per example (one sampler shape for all
     batches), keep those passing every enabled check, deduplicate and cap them.
@@ -183,7 +183,7 @@ def rejection_sample(params, cfg: ModelConfig, tok, examples: list[Example], rcf
         decodings=(Decoding(samples=rcfg.samples_per_prompt, temperature=rcfg.temperature,
                             top_p=rcfg.top_p),),
         max_prompt_tokens=max_prompt_tokens, batch_prompts=batch_prompts, key=key, bucket=bucket,
-        progress=progress)
+        mesh=mesh, progress=progress)
     return filter_samples(examples, gens, rcfg, source=source)
 
 

@@ -385,10 +385,13 @@ def run(exp: Experiment, name: str = "run") -> dict:
     else:
         cfg, tok = resume_policy(exp, run_dir)
     check_disk_space(run_dir, cfg, exp)
-    mesh = None
-    if jax.device_count() > 1:
-        from grpo_jax.sharding import make_mesh
+    from grpo_jax.sharding import cpu_rollout_mesh, make_mesh
 
+    mesh, sample_mesh = None, cpu_rollout_mesh()
+    if sample_mesh is not None:
+        say(f"rollouts and evaluations data-parallel over {sample_mesh.size} CPU devices (one per "
+            f"core); training on one (--cpu_devices 1: one device for everything)")
+    elif jax.device_count() > 1:
         mesh = make_mesh(exp.mesh)
         say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices in "
             f"{jax.process_count()} process(es)")
@@ -397,7 +400,7 @@ def run(exp: Experiment, name: str = "run") -> dict:
     plan = check_fits(exp, cfg, mesh_shape=dict(mesh.shape) if mesh is not None else None)
     say(f"memory plan: {fmt_bytes(plan.total)} per device (peak in {plan.peak_phase}; "
         f"grpo-jax plan shows the items)")
-    trainer = GRPOTrainer(exp, cfg, tok, task, mesh=mesh)
+    trainer = GRPOTrainer(exp, cfg, tok, task, mesh=mesh, sample_mesh=sample_mesh)
     log = RunLog(run_dir, exp.log.tensorboard, resume)
     stop = StopRequest(say)
     try:
@@ -432,7 +435,7 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
                               key=eval_key, batch_prompts=exp.eval.batch_prompts,
                               max_prompt_tokens=exp.data.max_prompt_tokens,
                               long_prompts=exp.data.long_prompts, reward=exp.eval.reward,
-                              bucket=exp.sampler.prompt_bucket, mesh=trainer.mesh,
+                              bucket=exp.sampler.prompt_bucket, mesh=trainer.sample_mesh,
                               progress=lambda n: bar.update(n - bar.n))
         bar.close()
         res["step"] = step
@@ -572,8 +575,10 @@ def main(argv: list[str]) -> None:
     path, rest = argv[0], argv[1:]
     base = load_experiment(path)
     from grpo_jax.pipeline import Pipeline, run_pipeline
+    from grpo_jax.sharding import use_cpu_devices
 
     if isinstance(base, Pipeline):
+        use_cpu_devices()  # before JAX starts; rollouts, rejection sampling and evaluations
         args = tyro.cli(PipelineArgs, args=rest, prog=f"grpo-jax run {path}",
                         config=(tyro.conf.FlagConversionOff,))
         pipe = dataclasses.replace(base, run_dir=args.run_dir or base.run_dir,
@@ -582,6 +587,8 @@ def main(argv: list[str]) -> None:
         return
     exp = tyro.cli(Experiment, default=base, args=rest, prog=f"grpo-jax run {path}",
                    config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands))
+    if exp.dist.coordinator_address is None and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        use_cpu_devices(exp.cpu_devices)  # before JAX starts; only used on the CPU backend
     run(exp, name=Path(path).stem)
 
 

@@ -102,8 +102,12 @@ def _top_p_threshold(x_NxV, top_p):
                         lambda: _nucleus_threshold(jnp.sort(x_NxV, axis=-1)[:, ::-1], lse, top_p))
 
 
-def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig):
-    """(token [N], log-prob at temperature 1 [N], log-prob under the sampling distribution [N])."""
+def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig, rows=None):
+    """(token [N], log-prob at temperature 1 [N], log-prob under the sampling distribution [N]).
+
+    `rows = (offset, total)`: these N rows are rows offset .. offset+N-1 of a batch of `total`
+    (one device's shard): each takes its row of the noise drawn for the whole batch, so that the
+    tokens are those of the whole batch sampled on one device."""
     logits_NxV = logits_NxV.astype(jnp.float32)
     policy_logp = jax.nn.log_softmax(logits_NxV, axis=-1)
     if scfg.greedy:
@@ -111,7 +115,12 @@ def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig):
         sample_logp = jnp.zeros(tok.shape, jnp.float32)
     else:
         x = filter_logits(logits_NxV, scfg)
-        tok = jax.random.categorical(key, x, axis=-1)
+        if rows is None:
+            tok = jax.random.categorical(key, x, axis=-1)
+        else:  # what `categorical` does (Gumbel-max), on this shard's rows of the noise
+            offset, total = rows
+            noise = jax.random.gumbel(key, (total, x.shape[-1]), x.dtype)
+            tok = jnp.argmax(jax.lax.dynamic_slice_in_dim(noise, offset, x.shape[0]) + x, axis=-1)
         sample_logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], -1)[:, 0]
     pick = jnp.take_along_axis(policy_logp, tok[:, None], -1)[:, 0]
     return tok.astype(jnp.int32), pick, sample_logp
@@ -142,11 +151,11 @@ def prefill_state(params: Params, cache: Cache, tokens_BxP, mask_BxP, *, cfg: Mo
 
 
 def decode_step(params: Params, key, s: dict, t, *, cfg: ModelConfig, scfg: SamplerConfig,
-                prompt_len: int, pad_id: int) -> dict:
+                prompt_len: int, pad_id: int, rows=None) -> dict:
     """One step of the decode loop on state `s` (`prefill_state`): sample new token t of every
     row from the last logits, write it and run it through the model. Rows already done get
-    `pad_id` and keep their masks and log-probs unchanged."""
-    tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg)
+    `pad_id` and keep their masks and log-probs unchanged. `rows`: as in `sample_token`."""
+    tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg, rows)
     live = ~s["done"]
     tok = jnp.where(live, tok, pad_id)
     done = s["done"] | jnp.isin(tok, _stop_ids(scfg))
@@ -182,12 +191,19 @@ def samples_of(s: dict, scfg: SamplerConfig) -> Samples:
 
 
 def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: ModelConfig,
-              scfg: SamplerConfig, group_size: int, pad_id: int):
+              scfg: SamplerConfig, group_size: int, pad_id: int, shards: int = 1,
+              batch_axes=None):
+    """Prefill and decode. Under `shard_map`, `shards` > 1 copies of this run on their own
+    rows (`batch_axes` names the mesh axes they are split over)."""
+    rows = None
+    if batch_axes is not None:
+        n = tokens_BxP.shape[0] * group_size
+        rows = (jax.lax.axis_index(batch_axes) * n, n * shards)
     with jax.named_scope("prefill"):
         init = prefill_state(params, cache, tokens_BxP, mask_BxP, cfg=cfg,
                              t_max=scfg.max_new_tokens, group_size=group_size, pad_id=pad_id)
     step = functools.partial(decode_step, params, key, cfg=cfg, scfg=scfg,
-                             prompt_len=tokens_BxP.shape[1], pad_id=pad_id)
+                             prompt_len=tokens_BxP.shape[1], pad_id=pad_id, rows=rows)
     with jax.named_scope("decode"):
         s = decode_loop(step, init, scfg.max_new_tokens)
     # On a mesh: the results split like the batch, the cache as it came in (so that it can be
@@ -206,6 +222,24 @@ def _generate_under(mesh, rules: Rules):
     return sharding.under_rules(_generate, mesh, rules)
 
 
+@functools.lru_cache(maxsize=16)
+def _generate_per_shard(mesh, batch_axes, shards: int):
+    """`_generate` as `shards` independent programs, one per batch shard of `mesh` (weights
+    replicated): no collective at all, and each shard leaves the loop when its own rows are done.
+    On a CPU with one XLA device per core this keeps the cores busier than one device whose
+    small decode matmuls are split across its threads (docs/benchmarks.md, session 5)."""
+    rows, rep = PartitionSpec(batch_axes), PartitionSpec()
+
+    def fn(params, cache, tokens_BxP, mask_BxP, key, *, cfg, scfg, group_size, pad_id):
+        local = functools.partial(_generate, cfg=cfg, scfg=scfg, group_size=group_size,
+                                  pad_id=pad_id, shards=shards, batch_axes=batch_axes)
+        return jax.shard_map(local, mesh=mesh, in_specs=(rep, rows, rows, rows, rep),
+                             out_specs=(rows, rows), check_vma=False)(
+            params, cache, tokens_BxP, mask_BxP, key)
+
+    return fn
+
+
 def _split_shardings(params_sharding, num_layers: int):
     """The shardings of `split_layers(params)`: each layer's weight without the layers axis."""
     layer = jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])),
@@ -219,9 +253,12 @@ class Sampler:
         sampler = Sampler(cfg, SamplerConfig(max_new_tokens=64, temperature=1.0, stop_ids=(2,)))
         out = sampler(params, tokens_BxP, mask_BxP, key, group_size=8)
 
-    With `mesh`, the params may come in any layout (e.g. the trainer's FSDP one): they are
-    resharded by `rules` (default `SAMPLE_RULES`) for each call; prompts, cache and results are
-    split over the rules' "batch" mesh axes (a dim they do not divide stays replicated).
+    With `mesh`, the params may come in any layout (e.g. the trainer's FSDP one, or one device's
+    arrays): they are resharded by `rules` (default `SAMPLE_RULES`) for each call; prompts, cache
+    and results are split over the rules' "batch" mesh axes (a dim they do not divide stays
+    replicated). When the rules replicate every weight (pure data parallelism) and the prompts
+    divide over the batch shards, each shard decodes as its own program (`_generate_per_shard`),
+    with the same tokens as one device.
     """
 
     def __init__(self, cfg: ModelConfig, scfg: SamplerConfig, *, pad_id: int = 0,
@@ -229,14 +266,23 @@ class Sampler:
         self.cfg, self.scfg, self.pad_id, self.cache_dtype = cfg, scfg, pad_id, cache_dtype
         self.mesh, self.rules = mesh, rules
         self._cache: Cache | None = None
-        fn, self._split = _generate, _split
+        fn, self._split, self.shards, per_shard = _generate, _split, 1, None
+        static = ("cfg", "scfg", "group_size", "pad_id")
         if mesh is not None:
             fn = _generate_under(mesh, rules)
+            self._params_sharding = params_sharding = sharding.param_shardings(cfg, mesh, rules)
             self._split = jax.jit(split_layers, out_shardings=_split_shardings(
-                sharding.param_shardings(cfg, mesh, rules), cfg.num_layers))
+                params_sharding, cfg.num_layers))
+            batch_axes = sharding.batch_sharding(mesh, rules).spec[0]
+            replicated = all(s.is_fully_replicated for s in jax.tree.leaves(
+                params_sharding, is_leaf=lambda x: isinstance(x, NamedSharding)))
+            self.shards = sharding.batch_parallelism(mesh, rules)
+            if replicated and self.shards > 1:
+                per_shard = _generate_per_shard(mesh, batch_axes, self.shards)
         # The cache is donated: XLA writes into the same buffer, which we get back and keep.
-        self._fn = jax.jit(fn, static_argnames=("cfg", "scfg", "group_size", "pad_id"),
-                           donate_argnames=("cache",))
+        self._fn = jax.jit(fn, static_argnames=static, donate_argnames=("cache",))
+        self._per_shard = per_shard and jax.jit(per_shard, static_argnames=static,
+                                                donate_argnames=("cache",))
 
     def _buffer(self, rows: int, length: int) -> Cache:
         c = self._cache
@@ -260,19 +306,25 @@ class Sampler:
         tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(mask_BxP, bool)
         b, p = tokens_BxP.shape
         cache = self._buffer(b * group_size, p + self.scfg.max_new_tokens)
+        fn = self._fn
         if self.mesh is not None:
+            devices = set(self.mesh.devices.flat)
+            if any(getattr(x, "sharding", None) is None or x.sharding.device_set != devices
+                   for x in jax.tree.leaves(params)):  # e.g. a trainer's params on one device
+                params = jax.device_put(params, self._params_sharding)
+            if self._per_shard is not None and b % self.shards == 0:
+                fn = self._per_shard
             tokens_BxP, mask_BxP = (sharding.place(x, sharding.activation_sharding(
                 self.mesh, self.rules, x.shape, ("batch", None))) for x in (tokens_BxP, mask_BxP))
         # Per-layer weights as separate arguments: sliced inside the program, XLA would copy every
         # layer's weights at every decode step.
-        out, self._cache = self._fn(self._split(params), cache, tokens_BxP, mask_BxP, key,
-                                    cfg=self.cfg, scfg=self.scfg, group_size=group_size,
-                                    pad_id=self.pad_id)
+        out, self._cache = fn(self._split(params), cache, tokens_BxP, mask_BxP, key,
+                              cfg=self.cfg, scfg=self.scfg, group_size=group_size, pad_id=self.pad_id)
         return out
 
     def cache_size(self) -> int:
         """Number of compiled variants (a test checks that equal buckets do not recompile)."""
-        return self._fn._cache_size()
+        return self._fn._cache_size() + (self._per_shard._cache_size() if self._per_shard else 0)
 
 
 def generate(params: Params, cfg: ModelConfig, scfg: SamplerConfig, prompts: Sequence[Sequence[int]],

@@ -233,12 +233,12 @@ def batch_hidden(params, cfg: ModelConfig, batch: Batch, *, packed: bool) -> jax
     tokens = jnp.asarray(batch.tokens_NxL, jnp.int32)
     seg = jnp.asarray(batch.segments_NxL)
     pos = jnp.asarray(batch.positions_NxL)
+    l = tokens.shape[1]  # positions count within a row (or a packed segment): below L
     if not packed:
-        return model.hidden(params, tokens, cfg, seg > 0, pos)
-    l = tokens.shape[1]
+        return model.hidden(params, tokens, cfg, seg > 0, pos, max_pos=l)
     causal = jnp.tril(jnp.ones((l, l), bool))[None]
     allowed = causal & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-    h, _ = model.decoder(params, tokens, cfg, positions_BxL=pos, allowed_BxLxS=allowed)
+    h, _ = model.decoder(params, tokens, cfg, positions_BxL=pos, allowed_BxLxS=allowed, max_pos=l)
     return h
 
 

@@ -14,6 +14,11 @@ Activations are constrained at block boundaries with `constrain(x, logical_axes)
 rules active while a function is traced (`under_rules`) and is a no-op outside, so the
 single-device programs are unchanged.
 
+On the CPU backend, `use_cpu_devices` (called by `grpo-jax run` before JAX starts) makes one XLA
+CPU device per core, and `cpu_rollout_mesh` spreads the rollouts over them while training stays
+on one device: decoding's small matmuls keep the cores busier as one program per core than as one
+program whose matmuls are split across threads.
+
 A mesh axis named in a rule but absent from the mesh counts as size 1 (a mesh written as
 (("data", -1), ("tensor", 1)) simply has no FSDP). jax is imported inside the functions, so that
 `grpo_jax.config` can import `MeshConfig` without importing jax.
@@ -25,6 +30,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -106,6 +112,48 @@ def make_mesh(mcfg: MeshConfig, devices=None) -> Mesh:
     sizes = mcfg.sizes(len(devices))
     return jax.make_mesh(sizes, mcfg.names, axis_types=(AxisType.Auto,) * len(sizes),
                          devices=devices)
+
+
+# ----------------------------------------------------------------------------- CPU rollout devices
+
+_cpu_devices: int | None = None  # the CPU device count `use_cpu_devices` gave JAX
+
+
+def use_cpu_devices(n: int = 0) -> int:
+    """Ask JAX for `n` XLA CPU devices (0: one per core this process may run on). It must run
+    before JAX starts its backends; it leaves the count alone (and returns 1) when they have
+    started, when XLA_FLAGS (--xla_force_host_platform_device_count) or JAX_NUM_CPU_DEVICES
+    already set it, or for n = 1. Returns the count set. On a GPU / TPU host the extra CPU
+    devices exist but go unused (`cpu_rollout_mesh` is None there)."""
+    import jax
+
+    global _cpu_devices
+    n = n or len(os.sched_getaffinity(0))
+    fixed = ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+             or "JAX_NUM_CPU_DEVICES" in os.environ)
+    if n <= 1 or fixed:
+        return 1
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backends have started: too late to change
+        return 1
+    _cpu_devices = n
+    return n
+
+
+def cpu_rollout_mesh() -> Mesh | None:
+    """A 1-D ("data",) mesh over the CPU devices that `use_cpu_devices` made, for the sampler
+    (`SAMPLE_RULES` then replicate the weights: one independent decode program per device); None
+    unless JAX runs on the CPU backend in one process with more than one such device."""
+    import jax
+    from jax.sharding import AxisType
+
+    if _cpu_devices is None or jax.default_backend() != "cpu" or jax.process_count() > 1:
+        return None
+    devices = jax.local_devices()
+    if len(devices) < 2:
+        return None
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
 
 
 # ----------------------------------------------------------------------------- rules -> specs

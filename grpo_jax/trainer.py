@@ -90,17 +90,20 @@ class GRPOTrainer:
     GRPO iteration and returns the new state and the (host) metrics of this step.
 
     With a `mesh`, pass the params through `init_state` and the reference params through
-    `place_params` (both lay them out as `rules` say); `sample_rules` is the rollout's layout."""
+    `place_params` (both lay them out as `rules` say); `sample_rules` is the rollout's layout.
+    `sample_mesh` (default: `mesh`) is where the rollouts run, e.g. `cpu_rollout_mesh()` while
+    training stays on one device."""
 
     def __init__(self, exp: Experiment, cfg: ModelConfig, tok, task, *, mesh=None,
                  rules: sharding.Rules = sharding.TRAIN_RULES,
-                 sample_rules: sharding.Rules = sharding.SAMPLE_RULES):
+                 sample_rules: sharding.Rules = sharding.SAMPLE_RULES, sample_mesh=None):
         self.exp, self.cfg, self.tok, self.task = exp, cfg, tok, task
         self.mesh, self.rules = mesh, rules
+        self.sample_mesh = mesh if sample_mesh is None else sample_mesh
         g = exp.grpo
         self.stop_ids = tuple(exp.sampler.stop_ids) or (tok.eos_token_id,)
         self.scfg = dataclasses.replace(exp.sampler, stop_ids=self.stop_ids)
-        self.sampler = Sampler(cfg, self.scfg, pad_id=tok.pad_token_id, mesh=mesh,
+        self.sampler = Sampler(cfg, self.scfg, pad_id=tok.pad_token_id, mesh=self.sample_mesh,
                                rules=sample_rules)
         self.reuse_rollout = g.mu * g.minibatches > 1  # then old log-probs must be stored
         updates = exp.steps * g.mu * g.minibatches

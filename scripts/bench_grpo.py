@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="gradient accumulation inside the one update of all B x G completions "
                          "(the same gradient; smaller temporaries)")
+    ap.add_argument("--cpu-devices", type=int, default=0,
+                    help="XLA CPU devices the rollouts decode over, one program each, training on "
+                         "one (0 = one per core, as `grpo-jax run` does; 1 = one device)")
     ap.add_argument("--threads", type=int, default=0, choices=(0, 1),
                     help="XLA CPU threads: 0 = XLA's default (all cores); 1 adds to XLA_FLAGS "
                          "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 "
@@ -251,6 +254,7 @@ def build(a: argparse.Namespace):
     from grpo_jax.config import (DataConfig, Experiment, GRPOConfig, LogConfig, ModelSource,
                                  OptimConfig, RewardConfig, SamplerConfig)
     from grpo_jax.runner import build_policy
+    from grpo_jax.sharding import cpu_rollout_mesh
     from grpo_jax.trainer import GRPOTrainer
 
     exp = Experiment(
@@ -275,7 +279,7 @@ def build(a: argparse.Namespace):
         raise SystemExit(f"expected float32 without remat, got {cfg.param_dtype}/{cfg.compute_dtype} "
                          f"remat={cfg.remat}")
     task = BenchArithTask(tokenizer=tok, prompt_len=a.prompt_len)
-    trainer = GRPOTrainer(exp, cfg, tok, task)
+    trainer = GRPOTrainer(exp, cfg, tok, task, sample_mesh=cpu_rollout_mesh())
     state = trainer.init_state(params)
     ref_params = jax.tree.map(jax.numpy.copy, params) if exp.grpo.uses_reference else None
     return trainer, state, ref_params, cfg, tok, exp
@@ -302,6 +306,9 @@ def main(argv=None) -> None:
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
     import jax
 
+    from grpo_jax.sharding import use_cpu_devices
+
+    use_cpu_devices(a.cpu_devices)  # before JAX starts its backends
     if argv is None:
         malloc += ", trim after compiles" if hostmem.trim_after_compiles() else ""
     rss_stages = {"after_import": peak_rss_mib()}
@@ -383,6 +390,7 @@ def main(argv=None) -> None:
         "achieved_flops": achieved, "matmul_peak_flops": peak, "matmul_peak_n": a.peak_n,
         "ratio_of_peak": achieved / peak, "same_prompts_as_workload": bool(same_prompts),
         "compiled_variants": compiled_variants(trainer),
+        "rollout_devices": 1 if trainer.sample_mesh is None else trainer.sample_mesh.size,
         "total_s": total_s, "backend": jax.default_backend(), "jax": jax.__version__,
         "torch_imported": "torch" in sys.modules, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "malloc": malloc, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),

@@ -50,7 +50,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import hf_io
+from grpo_jax import hf_io, sharding
 from grpo_jax.config import ModelConfig, SamplerConfig
 from grpo_jax.sampler import Sampler
 
@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="cast our weights on load (float32, bfloat16); unset: the checkpoint's")
     ap.add_argument("--peak-n", type=int, default=1024, help="side of the float32 matmul for the peak")
     ap.add_argument("--peak-repeats", type=int, default=3, help="peak matmuls per timing round")
+    ap.add_argument("--cpu-devices", type=int, default=0,
+                    help="XLA CPU devices to decode over, one program each (0 = one per core, as "
+                         "`grpo-jax run` does; 1 = one device); ignored on GPU / TPU")
     ap.add_argument("--compare-hf", action="store_true",
                     help="also time transformers generate (torch, float32, CPU)")
     return ap.parse_args(argv)
@@ -179,7 +182,8 @@ def setup_jax(cfg, params, prompts: np.ndarray, a):
     """Compile and warm up the sampler; returns (call(i), info)."""
     scfg = SamplerConfig(max_new_tokens=a.new_tokens, temperature=a.temperature, top_k=a.top_k,
                          top_p=a.top_p, stop_ids=())
-    sampler = Sampler(cfg, scfg, pad_id=0)
+    mesh = sharding.cpu_rollout_mesh()
+    sampler = Sampler(cfg, scfg, pad_id=0, mesh=mesh)
     tokens = jnp.asarray(prompts, jnp.int32)
     mask = jnp.ones(prompts.shape, bool)
     key = jax.random.key(a.seed + 1)
@@ -198,7 +202,8 @@ def setup_jax(cfg, params, prompts: np.ndarray, a):
         raise SystemExit(f"expected {n} rows of {a.new_tokens} tokens, got lengths {lengths}")
     if sampler.cache_size() != 1:
         raise SystemExit(f"the sampler recompiled: {sampler.cache_size()} compiled variants")
-    return call, {"first_call_s": first, "tokens_per_call": n * a.new_tokens}
+    return call, {"first_call_s": first, "tokens_per_call": n * a.new_tokens,
+                  "decode_devices": 1 if mesh is None else mesh.size}
 
 
 def _hf_processors(model, gen_kwargs) -> list[str]:
@@ -273,6 +278,7 @@ def setup_hf(model_dir: str, prompts: np.ndarray, a):
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    sharding.use_cpu_devices(a.cpu_devices)  # before JAX starts its backends
     info = machine_info()
     cfg, params = hf_io.load(a.model_dir, param_dtype=a.param_dtype)
     params = jax.device_put(params)
@@ -329,6 +335,7 @@ def main(argv=None) -> None:
         "model_flops_per_call": fl["model"], "executed_flops_per_call": fl["executed"],
         "achieved_flops": achieved, "matmul_peak_flops": peak, "matmul_peak_n": a.peak_n,
         "ratio_of_peak": achieved / peak, "jax_cpu_cores_used": util["jax"],
+        "decode_devices": r["decode_devices"],
         "loadavg_1m_before": load_before, "loadavg_1m_after": load_after, **info,
     }
     if a.compare_hf:

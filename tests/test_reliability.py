@@ -124,8 +124,9 @@ CONFIG = dataclasses.replace(CONFIG, rewards=RewardConfig(
 '''
 
 
-def _start(exp_file: Path, run_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "grpo_jax.cli", "run", str(exp_file), "--run-dir", str(run_dir)]
+def _start(exp_file: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "grpo_jax.cli", "run", str(exp_file), "--run-dir", str(run_dir),
+           *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
@@ -181,6 +182,33 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(x, y, err_msg=f"seed {seed}")
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
     assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob("*orbax-checkpoint-tmp*"))
+
+
+def test_rollouts_over_cpu_devices_equal_one_device(tmp_path):
+    """`grpo-jax run` decodes over 2 CPU devices (one program each) and trains on one; the
+    metrics, evaluations, samples and final weights equal those of a one-device run."""
+    exp_file = tmp_path / "exp.py"
+    exp_file.write_text(EXPERIMENT_FILE)
+    logs = {}
+    for n in (2, 1):
+        proc = _start(exp_file, tmp_path / f"dev{n}", "--steps", "3", "--cpu_devices", str(n))
+        logs[n] = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, logs[n][-3000:]
+    assert "rollouts and evaluations data-parallel over 2 CPU devices" in logs[2]
+    assert "data-parallel" not in logs[1]
+    for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
+        a, b = (_untimed(read_jsonl(tmp_path / f"dev{n}" / name)) for n in (1, 2))
+        assert a and len(a) == len(b), name
+        for ra, rb in zip(a, b):
+            # The sampler's own log-probs come from 32-row instead of 64-row matmuls: the same
+            # to float32 rounding (the tokens, hence everything else, are identical).
+            gap = "logp_gap_sampler"
+            assert ra.pop(gap, 0.0) == pytest.approx(rb.pop(gap, 0.0), rel=1e-4, abs=1e-6), name
+            assert ra == rb, name
+    (step_a, pa), (step_b, pb) = (_final_params(tmp_path / f"dev{n}") for n in (1, 2))
+    assert step_a == step_b == 3
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_a_finished_run_is_not_rerun_and_can_be_extended(tmp_path):

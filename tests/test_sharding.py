@@ -109,6 +109,20 @@ def test_mesh_config_does_not_import_jax():
     assert out.stdout.strip() == "False"
 
 
+def test_use_cpu_devices_only_before_jax_starts_and_unless_fixed():
+    code = ("from grpo_jax import sharding as s; n = s.use_cpu_devices(3); import jax; "
+            "m = s.cpu_rollout_mesh(); print(n, jax.device_count(), m and dict(m.shape), "
+            "s.use_cpu_devices(2))")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       env={**env, **extra}, timeout=120, check=True).stdout.split()
+    # 3 devices, a 1-D data mesh over them; too late for a second call once JAX has started
+    assert run({}) == ["3", "3", "{'data':", "3}", "1"]
+    # the user's own device count wins: nothing changed, no rollout mesh
+    assert run({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) == ["1", "2", "None", "1"]
+
+
 # ----------------------------------------------------------------------------- sharded == single
 
 
@@ -175,6 +189,20 @@ def test_sharded_trainer_step_equals_single_device(sharded_report):
     _close(r["metrics"])
     assert r["params_max_abs_diff"] < 1e-6
     assert r["no_recompile"], r["compiled"]
+
+
+def test_rollouts_one_program_per_device_equal_single_device(sharded_report):
+    """A data-only mesh (weights replicated) decodes each shard's rows as its own program, each
+    with its own early exit; the tokens are those of one device, and a trainer that trains on
+    one device and samples on that mesh takes the same steps."""
+    r = sharded_report["per_shard"]
+    assert r["used"] and r["tokens_spec"] == str(P("data"))
+    assert r["tokens_equal"] and r["mask_equal"]
+    assert min(r["lengths"]) < 12 and max(r["lengths"]) > 1  # stop ids ended some rows early
+    assert r["logps_max_abs_diff"] < 1e-5 and r["sample_logps_max_abs_diff"] < 1e-5
+    assert r["step_host_equal"]
+    _close(r["step_metrics"])
+    assert r["step_params_max_abs_diff"] < 1e-6
 
 
 # ----------------------------------------------------------------------------- the subprocess
@@ -295,6 +323,33 @@ def _report() -> dict:
                                                  sharded._score._cache_size(),
                                                  sharded.sampler.cache_size()),
                           compiled=sizes)
+
+    # 5. Rollouts over a 1-D data mesh of 4 devices (weights replicated: one decode program per
+    # device, as `cpu_rollout_mesh` gives), with the training on one device.
+    from grpo_jax.sampler import Sampler
+
+    data4 = S.make_mesh(MeshConfig(axes=(("data", 4),)), jax.devices()[:4])
+    scfg = SamplerConfig(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9,
+                         stop_ids=(tok.eos_token_id, tok.encode(">")[0]), prompt_bucket=32)
+    per_shard = Sampler(CFG, scfg, pad_id=tok.pad_token_id, mesh=data4)
+    one = Sampler(CFG, scfg, pad_id=tok.pad_token_id)
+    a = jax.device_get(one(st1.params, prompt, prompt_mask, k, group_size=4))
+    b4 = per_shard(st1.params, prompt, prompt_mask, k, group_size=4)  # params from one device
+    b4_spec, b4 = str(b4.tokens.sharding.spec), jax.device_get(b4)
+    hybrid = GRPOTrainer(exp, CFG, tok, task, sample_mesh=data4)
+    sh, sd = st1, jax.tree.map(jnp.copy, st1)  # each trainer donates its own
+    for step in range(2, 4):
+        sd, d1, h1 = single.step(sd, host_params, step)
+        sh, dh, hh = hybrid.step(sh, host_params, step)
+    d1, dh = jax.device_get((d1, dh))
+    h1, hh = ({k: v for k, v in h.items() if not k.endswith(("_s", "_per_s"))} for h in (h1, hh))
+    report["per_shard"] = dict(
+        used=per_shard._per_shard is not None and hybrid.sampler._per_shard is not None,
+        tokens_equal=bool((a.tokens == b4.tokens).all()), mask_equal=bool((a.mask == b4.mask).all()),
+        lengths=[int(x) for x in a.lengths], logps_max_abs_diff=diff(b4.logps, a.logps),
+        sample_logps_max_abs_diff=diff(b4.sample_logps, a.sample_logps), tokens_spec=b4_spec,
+        step_host_equal=h1 == hh, step_metrics={k: (float(d1[k]), float(dh[k])) for k in d1},
+        step_params_max_abs_diff=tree_max(diff, sh.params, sd.params))
     report.update(spec=spec, shards=shards, wall_s=time.perf_counter() - t_start)
     return report
 
