@@ -214,8 +214,9 @@ def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _qkv(x, lp, cfg: ModelConfig, rope):
-    """Queries [B, L, H, Hd] and head-major keys/values [B, K, L, Hd], RoPE applied."""
+def _qkv(x, lp, cfg: ModelConfig, rope, heads_first: bool = True):
+    """Queries [B, L, H, Hd] and head-major keys/values [B, K, L, Hd], RoPE applied (keys and
+    values [B, L, K, Hd] without `heads_first`)."""
     cd = DTYPES[cfg.compute_dtype]
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps).astype(cd)
     q = dense(h, lp["wq"].astype(cd))
@@ -226,8 +227,8 @@ def _qkv(x, lp, cfg: ModelConfig, rope):
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
-    k = apply_rope(k, rope)
-    return apply_rope(q, rope), _heads_first(k), _heads_first(v)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    return (q, _heads_first(k), _heads_first(v)) if heads_first else (q, k, v)
 
 
 def _attn_out_mlp(x, o_BxLxHxHd, lp, cfg: ModelConfig):
@@ -393,33 +394,44 @@ def grouped_logprobs(params: Params, prompt_BxP, prompt_mask_BxP, comp_NxT, comp
     Rows n*G .. n*G+G-1 share prompt n, as the sampler lays them out. Each prompt goes through the
     layers once and its keys/values are shared by its G completions, which saves (G-1)/G of the
     prompt's work in the forward and the backward pass against `token_logprobs` on the
-    concatenated [N, P+T] rows (same values). Prompts are left-padded."""
+    concatenated [N, P+T] rows (same values). Prompts are left-padded.
+
+    The layers see one row per prompt, [B, P + G*T, D]: the prompt's P tokens, then its G
+    completions' T tokens each. Every projection and MLP is then one matmul over all tokens (and
+    its weight gradient one matmul too); only attention splits a row into its prompt and its G
+    completions. Kept apart, the prompts' [B*P, D] matmuls ran at a fraction of the big ones'
+    speed (docs/benchmarks.md, session 5)."""
     g = group_size
     prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
     comp_NxT = jnp.asarray(comp_NxT, jnp.int32)
     pmask = jnp.asarray(prompt_mask_BxP).astype(bool)
     cmask = jnp.asarray(comp_mask_NxT).astype(bool)
-    p, (n, t) = prompt_BxP.shape[1], comp_NxT.shape
-    rope_p = rope_cos_sin(positions_from_mask(pmask), cfg, p + t)
-    rope_c = rope_cos_sin(jnp.repeat(pmask.sum(-1), g)[:, None] + jnp.arange(t)[None], cfg, p + t)
+    (b, p), (n, t) = prompt_BxP.shape, comp_NxT.shape
+    rows = lambda prompt_part, comp_part: jnp.concatenate(  # [B, P, ...] + [N, T, ...]
+        [prompt_part, comp_part.reshape(b, g * t, *comp_part.shape[2:])], axis=1)
+    rope = tuple(map(rows, rope_cos_sin(positions_from_mask(pmask), cfg, p + t), rope_cos_sin(
+        jnp.repeat(pmask.sum(-1), g)[:, None] + jnp.arange(t)[None], cfg, p + t)))
     allowed_p = _causal_allowed(pmask)
     allowed_c = jnp.concatenate(
         [jnp.broadcast_to(jnp.repeat(pmask, g, 0)[:, None, :], (n, t, p)), _causal_allowed(cmask)],
         axis=-1)  # [N, T, P + T]: the own prompt, then the completion causally
 
-    def body(carry, lp):
-        xp, xc = carry
+    def parts(a):  # [B, P + G*T, ...] -> prompts [B, P, ...], completions [N, T, ...]
+        return a[:, :p], a[:, p:].reshape(n, t, *a.shape[2:])
+
+    def body(x, lp):
         with jax.named_scope("attention"):
-            qp, kp, vp = _qkv(xp, lp, cfg, rope_p)
+            q, k, v = _qkv(x, lp, cfg, rope, heads_first=False)
+            (qp, qc), (kp, kc), (vp, vc) = parts(q), parts(k), parts(v)
+            kp, kc, vp, vc = map(_heads_first, (kp, kc, vp, vc))
             op = attention(qp, kp, vp, allowed_p)
-            qc, kc, vc = _qkv(xc, lp, cfg, rope_c)
             k = jnp.concatenate([jnp.repeat(kp, g, 0), kc], axis=2)
             v = jnp.concatenate([jnp.repeat(vp, g, 0), vc], axis=2)
             oc = attention(qc, k, v, allowed_c)
-        return (_attn_out_mlp(xp, op, lp, cfg), _attn_out_mlp(xc, oc, lp, cfg)), None
+        return _attn_out_mlp(x, rows(op, oc), lp, cfg), None
 
-    x0 = (embed_tokens(params, prompt_BxP), embed_tokens(params, comp_NxT))
-    (xp, xc), _ = _over_layers(body, x0, params["layers"], cfg)
+    x0 = rows(embed_tokens(params, prompt_BxP), embed_tokens(params, comp_NxT))
+    xp, xc = parts(_over_layers(body, x0, params["layers"], cfg)[0])
     # The prompt's last position predicts completion token 0; completion position t predicts t+1.
     h_last = rms_norm(xp[:, -1:], params["final_norm"], cfg.rms_norm_eps)
     h = jnp.concatenate([jnp.repeat(h_last, g, 0),
