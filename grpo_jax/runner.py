@@ -297,19 +297,26 @@ def say_line(text: str, progress: bool) -> None:
         print(text, flush=True)
 
 
+def multi_process(dist) -> bool:
+    """Whether `init_distributed(dist)` starts several processes: an explicit coordinator, or
+    (mode "auto") SLURM with several tasks or a multi-host TPU VM slice."""
+    if dist.mode == "off":
+        return False
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return dist.coordinator_address is not None or slurm or tpu_pod
+
+
 def init_distributed(dist) -> None:
     """`jax.distributed.initialize` as `dist` (config.DistConfig) says, once per process."""
-    if dist.mode == "off" or jax.distributed.is_initialized():
+    if not multi_process(dist) or jax.distributed.is_initialized():
         return
     if dist.coordinator_address is not None:
         # CPU collectives between processes need gloo (no effect on GPU / TPU devices).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
         return
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if slurm or tpu_pod:  # JAX detects the coordinator and the process ids itself
-        jax.distributed.initialize()
+    jax.distributed.initialize()  # SLURM / TPU slice: JAX finds the coordinator and the ids
 
 
 class StopRequest:
@@ -587,7 +594,7 @@ def main(argv: list[str]) -> None:
         return
     exp = tyro.cli(Experiment, default=base, args=rest, prog=f"grpo-jax run {path}",
                    config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands))
-    if exp.dist.coordinator_address is None and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    if not multi_process(exp.dist):
         use_cpu_devices(exp.cpu_devices)  # before JAX starts; only used on the CPU backend
     run(exp, name=Path(path).stem)
 
