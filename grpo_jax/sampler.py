@@ -151,34 +151,41 @@ def prefill_state(params: Params, cache: Cache, tokens_BxP, mask_BxP, *, cfg: Mo
 
 
 def decode_step(params: Params, key, s: dict, t, *, cfg: ModelConfig, scfg: SamplerConfig,
-                prompt_len: int, pad_id: int, rows=None) -> dict:
+                prompt_len: int, pad_id: int, rows=None, forward: bool = True) -> dict:
     """One step of the decode loop on state `s` (`prefill_state`): sample new token t of every
-    row from the last logits, write it and run it through the model. Rows already done get
-    `pad_id` and keep their masks and log-probs unchanged. `rows`: as in `sample_token`."""
+    row from the last logits, write it and (if `forward`) run it through the model. Rows already
+    done get `pad_id` and keep their masks and log-probs unchanged. `rows`: as in
+    `sample_token`. The last token needs no forward: nothing reads its logits."""
     tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg, rows)
     live = ~s["done"]
     tok = jnp.where(live, tok, pad_id)
     done = s["done"] | jnp.isin(tok, _stop_ids(scfg))
     kv_mask = s["kv_mask"].at[:, prompt_len + t].set(live)
-    logits, cache = cached_step(params, tok[:, None], cfg, cache=s["cache"], index=prompt_len + t,
-                                positions_BxL=s["pos"][:, None], kv_mask_BxS=kv_mask)
+    last, cache = s["last"], s["cache"]
+    if forward:
+        logits, cache = cached_step(params, tok[:, None], cfg, cache=cache, index=prompt_len + t,
+                                    positions_BxL=s["pos"][:, None], kv_mask_BxS=kv_mask)
+        last = logits[:, 0]
     col = lambda a, v: a.at[:, t].set(jnp.where(live, v, 0).astype(a.dtype))
-    return dict(last=logits[:, 0], cache=cache, kv_mask=kv_mask, pos=s["pos"] + 1,
+    return dict(last=last, cache=cache, kv_mask=kv_mask, pos=s["pos"] + 1,
                 done=done, tokens=s["tokens"].at[:, t].set(tok), mask=col(s["mask"], True),
                 logps=col(s["logps"], logp), sample_logps=col(s["sample_logps"], slogp))
 
 
 def decode_loop(step, init: dict, t_max: int) -> dict:
-    """`step(s, t) -> s` from `init` until t_max tokens or until every row is done."""
+    """`step(s, t, forward) -> s` from `init` until t_max tokens or until every row is done. The
+    loop stops one token short; the last step samples without a forward (whose logits nobody
+    would read: 1/t_max of the decode's work). If every row is done before, it writes pads."""
     def cond(carry):
         t, s = carry
-        return (t < t_max) & ~jnp.all(s["done"])
+        return (t < t_max - 1) & ~jnp.all(s["done"])
 
     def body(carry):
         t, s = carry
-        return t + 1, step(s, t)
+        return t + 1, step(s, t, True)
 
-    return jax.lax.while_loop(cond, body, (jnp.int32(0), init))[1]
+    t, s = jax.lax.while_loop(cond, body, (jnp.int32(0), init))
+    return step(s, t, False)
 
 
 def samples_of(s: dict, scfg: SamplerConfig) -> Samples:
@@ -202,8 +209,9 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
     with jax.named_scope("prefill"):
         init = prefill_state(params, cache, tokens_BxP, mask_BxP, cfg=cfg,
                              t_max=scfg.max_new_tokens, group_size=group_size, pad_id=pad_id)
-    step = functools.partial(decode_step, params, key, cfg=cfg, scfg=scfg,
-                             prompt_len=tokens_BxP.shape[1], pad_id=pad_id, rows=rows)
+    step = lambda s, t, forward: decode_step(params, key, s, t, cfg=cfg, scfg=scfg,
+                                             prompt_len=tokens_BxP.shape[1], pad_id=pad_id,
+                                             rows=rows, forward=forward)
     with jax.named_scope("decode"):
         s = decode_loop(step, init, scfg.max_new_tokens)
     # On a mesh: the results split like the batch, the cache as it came in (so that it can be
@@ -266,19 +274,21 @@ class Sampler:
         self.cfg, self.scfg, self.pad_id, self.cache_dtype = cfg, scfg, pad_id, cache_dtype
         self.mesh, self.rules = mesh, rules
         self._cache: Cache | None = None
-        fn, self._split, self.shards, per_shard = _generate, _split, 1, None
+        fn, self._split, self.shards, per_shard, self._share = _generate, _split, 1, None, False
         static = ("cfg", "scfg", "group_size", "pad_id")
         if mesh is not None:
             fn = _generate_under(mesh, rules)
             self._params_sharding = params_sharding = sharding.param_shardings(cfg, mesh, rules)
-            self._split = jax.jit(split_layers, out_shardings=_split_shardings(
-                params_sharding, cfg.num_layers))
+            self._split_sharding = _split_shardings(params_sharding, cfg.num_layers)
+            self._split = jax.jit(split_layers, out_shardings=self._split_sharding)
             batch_axes = sharding.batch_sharding(mesh, rules).spec[0]
             replicated = all(s.is_fully_replicated for s in jax.tree.leaves(
                 params_sharding, is_leaf=lambda x: isinstance(x, NamedSharding)))
             self.shards = sharding.batch_parallelism(mesh, rules)
             if replicated and self.shards > 1:
                 per_shard = _generate_per_shard(mesh, batch_axes, self.shards)
+            # Weights on one CPU device are split there and shared by the others (no copy).
+            self._share = replicated and sharding.host_shared(mesh)
         # The cache is donated: XLA writes into the same buffer, which we get back and keep.
         self._fn = jax.jit(fn, static_argnames=static, donate_argnames=("cache",))
         self._per_shard = per_shard and jax.jit(per_shard, static_argnames=static,
@@ -306,19 +316,27 @@ class Sampler:
         tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(mask_BxP, bool)
         b, p = tokens_BxP.shape
         cache = self._buffer(b * group_size, p + self.scfg.max_new_tokens)
-        fn = self._fn
+        fn, split = self._fn, None
         if self.mesh is not None:
-            devices = set(self.mesh.devices.flat)
-            if any(getattr(x, "sharding", None) is None or x.sharding.device_set != devices
-                   for x in jax.tree.leaves(params)):  # e.g. a trainer's params on one device
-                params = jax.device_put(params, self._params_sharding)
+            devices = frozenset(self.mesh.devices.flat)
+            sets = {frozenset(x.devices()) if isinstance(x, jax.Array) else None
+                    for x in jax.tree.leaves(params)}
+            if sets != {devices}:  # e.g. a trainer's params on one device
+                (source,) = sets if len(sets) == 1 else (None,)
+                one_cpu = bool(source) and len(source) == 1 and next(iter(source)).platform == "cpu"
+                if self._share and one_cpu:
+                    split = sharding.share_replicated(_split(params), self._split_sharding)
+                else:
+                    params = jax.device_put(params, self._params_sharding)
             if self._per_shard is not None and b % self.shards == 0:
                 fn = self._per_shard
             tokens_BxP, mask_BxP = (sharding.place(x, sharding.activation_sharding(
                 self.mesh, self.rules, x.shape, ("batch", None))) for x in (tokens_BxP, mask_BxP))
         # Per-layer weights as separate arguments: sliced inside the program, XLA would copy every
         # layer's weights at every decode step.
-        out, self._cache = fn(self._split(params), cache, tokens_BxP, mask_BxP, key,
+        if split is None:
+            split = self._split(params)
+        out, self._cache = fn(split, cache, tokens_BxP, mask_BxP, key,
                               cfg=self.cfg, scfg=self.scfg, group_size=group_size, pad_id=self.pad_id)
         return out
 

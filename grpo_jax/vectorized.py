@@ -113,7 +113,8 @@ def generate_runs(params, cache, tokens_RxBxP, mask_RxBxP, keys_R, *, cfg: Model
                                 group_size=group_size, pad_id=pad_id)
     one_step = functools.partial(decode_step, cfg=cfg, scfg=scfg,
                                  prompt_len=tokens_RxBxP.shape[2], pad_id=pad_id)
-    step = lambda s, t: jax.vmap(one_step, in_axes=(0, 0, 0, None))(params, keys_R, s, t)
+    step = lambda s, t, forward: jax.vmap(functools.partial(one_step, forward=forward),
+                                          in_axes=(0, 0, 0, None))(params, keys_R, s, t)
     with jax.named_scope("prefill"):
         init = jax.vmap(prefill)(params, cache, tokens_RxBxP, mask_RxBxP)
     with jax.named_scope("decode"):

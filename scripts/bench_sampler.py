@@ -25,8 +25,7 @@ N rows' T - 1 decode forwards (the T-th sampled token needs no forward pass), 4 
 per token per layer for attention over its causal context only (ctx = position + 1), and
 2 * D * V of unembedding for each position whose logits are sampled from (B prefill positions,
 N * (T - 1) decode positions). `executed_flops_per_call` is what our sampler actually computes
-(logits for every prompt position, T decode forwards, attention over every cache slot), for
-diagnosis. The last line printed is one JSON object with all numbers.
+(the same forwards, but every query attends over all P + T cache slots), for diagnosis. The last line printed is one JSON object with all numbers.
 """
 
 from __future__ import annotations
@@ -168,10 +167,10 @@ def flops_per_call(cfg: ModelConfig, b: int, g: int, p: int, t: int) -> dict:
     decode_ctx = sum(p + 1 + j for j in range(t - 1))
     model = (2 * w * (b * p + n * (t - 1)) + attn_unit * (b * prefill_ctx + n * decode_ctx)
              + unembed * (b + n * (t - 1)))
-    # what our sampler executes: logits at all B*P prompt positions, T decode forwards,
-    # every query attends over all S = P + T cache slots (masked ones included)
-    executed = (2 * w * (b * p + n * t) + attn_unit * s * (b * p + n * t)
-                + unembed * (b * p + n * t))
+    # what our sampler executes: the same forwards, but every query attends over all
+    # S = P + T cache slots (masked ones included)
+    executed = (2 * w * (b * p + n * (t - 1)) + attn_unit * s * (b * p + n * (t - 1))
+                + unembed * (b + n * (t - 1)))
     return {"model": float(model), "executed": float(executed)}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from grpo_jax.config import ModelConfig
 from grpo_jax.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshConfig, activation_sharding,
@@ -194,9 +194,12 @@ def test_sharded_trainer_step_equals_single_device(sharded_report):
 def test_rollouts_one_program_per_device_equal_single_device(sharded_report):
     """A data-only mesh (weights replicated) decodes each shard's rows as its own program, each
     with its own early exit; the tokens are those of one device, and a trainer that trains on
-    one device and samples on that mesh takes the same steps."""
+    one device and samples on that mesh takes the same steps. The weights from one CPU device
+    are shared by the mesh's devices (one copy in memory), and stay valid without the source."""
     r = sharded_report["per_shard"]
     assert r["used"] and r["tokens_spec"] == str(P("data"))
+    assert r["shares_weights"] and r["shared_pointers"] == 1 and r["shared_values_ok"]
+    assert r["shared_devices"] == [0, 1, 2, 3]
     assert r["tokens_equal"] and r["mask_equal"]
     assert min(r["lengths"]) < 12 and max(r["lengths"]) > 1  # stop ids ended some rows early
     assert r["logps_max_abs_diff"] < 1e-5 and r["sample_logps_max_abs_diff"] < 1e-5
@@ -343,8 +346,17 @@ def _report() -> dict:
         sh, dh, hh = hybrid.step(sh, host_params, step)
     d1, dh = jax.device_get((d1, dh))
     h1, hh = ({k: v for k, v in h.items() if not k.endswith(("_s", "_per_s"))} for h in (h1, hh))
+    # The weights from one device are shared with the others, not copied (and outlive the source).
+    src = jax.device_put(np.arange(12, dtype=np.float32).reshape(3, 4), jax.devices()[0]) + 1
+    shared = S.share_replicated({"w": src}, {"w": NamedSharding(data4, P())})["w"]
+    del src
+    churn = [jnp.full((3, 4), 7.0) + i for i in range(50)]  # would reuse freed memory
     report["per_shard"] = dict(
         used=per_shard._per_shard is not None and hybrid.sampler._per_shard is not None,
+        shares_weights=per_shard._share and hybrid.sampler._share,
+        shared_pointers=len({x.data.unsafe_buffer_pointer() for x in shared.addressable_shards}),
+        shared_devices=sorted(d.id for d in shared.devices()), churn=len(churn),
+        shared_values_ok=bool((np.asarray(shared) == np.arange(12).reshape(3, 4) + 1).all()),
         tokens_equal=bool((a.tokens == b4.tokens).all()), mask_equal=bool((a.mask == b4.mask).all()),
         lengths=[int(x) for x in a.lengths], logps_max_abs_diff=diff(b4.logps, a.logps),
         sample_logps_max_abs_diff=diff(b4.sample_logps, a.sample_logps), tokens_spec=b4_spec,
