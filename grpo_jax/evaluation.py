@@ -375,6 +375,9 @@ class PolicyArgs:
     batch_prompts: int = 64  # prompts per sampler call (all calls have this shape)
     seed: int = 0
     progress: bool = True
+    # XLA CPU devices to decode on, one program each (0: one per core, 1: one device); only on
+    # the CPU backend, as in `grpo-jax run` (sharding.use_cpu_devices).
+    cpu_devices: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,10 +390,16 @@ class Setup:
     source: str  # the Hugging Face directory (or hub id) loaded
     task: Task
     settings: dict  # the resolved task, template and limits, for reports
+    mesh: Any = None  # the CPU devices to decode on (`sharding.cpu_rollout_mesh`), or None
 
 
 def prepare(args: PolicyArgs, say: Callable[[str], None]) -> Setup:
     """Load the policy and build the task, filling unset options from the run's config."""
+    from grpo_jax import sharding
+
+    if args.cpu_devices < 0:
+        raise ValueError(f"--cpu-devices must be >= 0 (0: one per core), got {args.cpu_devices}")
+    sharding.use_cpu_devices(args.cpu_devices)  # before JAX starts (else it stays as it is)
     run = run_config(args.model)
     data, sampler = (run["data"], run["sampler"]) if run else ({}, {})
     task_name = args.task or data.get("task")
@@ -422,10 +431,12 @@ def prepare(args: PolicyArgs, say: Callable[[str], None]) -> Setup:
     }
     source = policy_dir(args.model) if args.step is None else f"{args.model}@step_{args.step}"
     cfg, params, tok = resolve_policy(args.model, step=args.step, say=say)
+    mesh = sharding.cpu_rollout_mesh()
+    where = f"; decoding on {mesh.size} CPU devices" if mesh is not None else ""
     say(f"policy {source}: {cfg.arch}, {cfg.num_params / 1e6:.1f}M parameters; task {task_name} "
-        f"{json.dumps(task_args)}, template {settings['template']}")
+        f"{json.dumps(task_args)}, template {settings['template']}{where}")
     return Setup(cfg=cfg, params=params, tok=tok, source=source, task=task,
-                 settings=settings | {"source": source})
+                 settings=settings | {"source": source}, mesh=mesh)
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tuple[Callable[[int], None], Callable]:
@@ -474,7 +485,8 @@ def eval_main(argv: list[str]) -> dict:
                              max_new_tokens=s["max_new_tokens"],
                              max_prompt_tokens=s["max_prompt_tokens"],
                              batch_prompts=args.batch_prompts, key=jax.random.key(args.seed),
-                             pass_ks=ks, reward=args.reward, rows=True, progress=progress)
+                             pass_ks=ks, reward=args.reward, rows=True, mesh=setup.mesh,
+                             progress=progress)
     close()
     result["settings"] = s | {"problems": len(examples), "samples": args.samples,
                               "temperature": args.temperature, "top_p": args.top_p,

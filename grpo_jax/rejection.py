@@ -312,7 +312,7 @@ def rejection_main(argv: list[str]) -> dict:
                                    template=s["template"], key=jax.random.key(args.seed),
                                    max_prompt_tokens=s["max_prompt_tokens"],
                                    batch_prompts=args.batch_prompts, source=setup.source,
-                                   progress=progress)
+                                   mesh=setup.mesh, progress=progress)
     close()
     stats["settings"] = s | {"split": args.split, "seed": args.seed}
     path = write_dataset(rows, stats, args.out)

@@ -3,7 +3,10 @@ through the real sampler on a model whose completions are known, and the `eval` 
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +199,31 @@ def test_eval_main_on_a_hugging_face_directory(hf_dir_factory, tmp_path, capsys)
     md = (out / "eval.md").read_text()
     assert "| pass@4 |" in md and "| cons@4 |" in md and "`arithmetic`" in md
     assert "| pass@1 (mean over samples) |" in capsys.readouterr().out
+
+
+def test_eval_command_decodes_over_cpu_devices_with_one_devices_results(hf_dir_factory, tmp_path):
+    """`grpo-jax eval` (a fresh process) makes one XLA CPU device per core as `grpo-jax run`
+    does and decodes over them: the report equals a one-device evaluation's."""
+    d, _ = hf_dir_factory("qwen2")
+    reports, logs = {}, {}
+    for n in (2, 1):
+        out = tmp_path / f"ev{n}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "grpo_jax.cli", "eval", "--model", str(d), "--task",
+             "arithmetic", "--task-args", '{"digits": [1, 1]}', "--template", "short",
+             "--problems", "4", "--samples", "4", "--max-new-tokens", "6",
+             "--max-prompt-tokens", "32", "--batch-prompts", "4", "--out", str(out),
+             "--progress", "False", "--cpu-devices", str(n)],
+            capture_output=True, text=True, timeout=300,
+            env={k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+            | {"JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        logs[n] = proc.stdout
+        reports[n] = json.loads((out / "eval.json").read_text())
+    assert "decoding on 2 CPU devices" in logs[2] and "decoding on" not in logs[1]
+    for r in reports.values():
+        r["settings"].pop("source"), r.pop("wall_s", None)
+    assert reports[2]["rows"] and reports[2] == reports[1]
 
 
 def test_eval_main_uses_a_run_directorys_export_and_config(hf_dir_factory, tmp_path, capsys):
