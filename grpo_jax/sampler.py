@@ -287,7 +287,7 @@ class Sampler:
             self.shards = sharding.batch_parallelism(mesh, rules)
             if replicated and self.shards > 1:
                 per_shard = _generate_per_shard(mesh, batch_axes, self.shards)
-            # Weights on one CPU device are split there and shared by the others (no copy).
+            # Weights on one CPU device are shared by all (views of its buffers: no copy).
             self._share = replicated and sharding.host_shared(mesh)
         # The cache is donated: XLA writes into the same buffer, which we get back and keep.
         self._fn = jax.jit(fn, static_argnames=static, donate_argnames=("cache",))
@@ -324,8 +324,9 @@ class Sampler:
             if sets != {devices}:  # e.g. a trainer's params on one device
                 (source,) = sets if len(sets) == 1 else (None,)
                 one_cpu = bool(source) and len(source) == 1 and next(iter(source)).platform == "cpu"
-                if self._share and one_cpu:
-                    split = sharding.share_replicated(_split(params), self._split_sharding)
+                if self._share and one_cpu:  # each layer's weights: a view into the stack
+                    host = jax.tree.map(np.asarray, params)  # no copy on the CPU backend
+                    split = sharding.share_replicated(split_layers(host), self._split_sharding)
                 else:
                     params = jax.device_put(params, self._params_sharding)
             if self._per_shard is not None and b % self.shards == 0:

@@ -300,23 +300,20 @@ def host_shared(mesh: Mesh) -> bool:
 
 
 def share_replicated(tree, shardings) -> Any:
-    """`tree` (arrays on one CPU device) as arrays of the fully replicated `shardings`, whose
-    devices are CPU devices of this process (`host_shared`): every device's copy is a view of the
-    same memory, so nothing is copied, and decode programs running side by side on several
-    cores read one copy of the weights through the shared L3 cache instead of one copy each
-    (~14% faster decode matmuls, docs/benchmarks.md). The views keep the source arrays alive;
-    they must not be donated while the result is in use."""
+    """`tree` (arrays on one CPU device, or numpy views of them) as arrays of the fully
+    replicated `shardings`, whose devices are CPU devices of this process (`host_shared`):
+    every device's copy is a view of the same memory, so nothing is copied (one batched
+    `device_put`; a leaf not 64-byte aligned is copied), and decode programs running side by
+    side on several cores read one copy of the weights through the shared L3 cache instead of
+    one copy each (~14% faster decode matmuls, docs/benchmarks.md). The views keep the source
+    arrays alive, and JAX does not donate a buffer while a view of it exists (it copies)."""
     import jax
     import numpy as np
 
-    def one(x, s):
-        (src,) = x.addressable_shards
-        src, view = src.data, np.asarray(src.data)  # a view, not a copy, on the CPU backend
-        devices = s.addressable_devices_indices_map(x.shape)  # every device: all of x
-        return jax.make_array_from_single_device_arrays(x.shape, s, [
-            src if d == src.device else jax.device_put(view, d, may_alias=True) for d in devices])
-
-    return jax.tree.map(one, tree, shardings)
+    leaves, treedef = jax.tree.flatten(tree)
+    views = [np.asarray(x) for x in leaves]  # on the CPU backend, views of the device buffers
+    placed = jax.device_put(views, treedef.flatten_up_to(shardings), may_alias=True)
+    return jax.tree.unflatten(treedef, placed)
 
 
 def to_host(tree) -> Any:
