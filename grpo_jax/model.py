@@ -25,14 +25,16 @@ from grpo_jax.config import ModelConfig
 from grpo_jax.sharding import constrain
 
 Params = dict[str, Any]
-# {"k": (one [B, K, S, Hd] array per layer), "v": same}. One array per layer, so that a decode
-# step writes its new slot in place; heads before slots, so that attention reads the layer's keys
-# in the layout its dot products want, without a transposed copy of the whole cache per step.
+# {"k": (one [B, K, Hd, S] array per layer), "v": (one [B, K, S, Hd] per layer)}. One array per
+# layer, so that a decode step writes its new slot in place; heads first, and keys stored
+# transposed, so that both attention products read the cache as plain row-major matmul operands
+# (q @ K^T with K^T stored: the score product ran 2x faster than from [B, K, S, Hd] keys,
+# docs/benchmarks.md, session 7).
 Cache = dict[str, tuple[jax.Array, ...]]
 
 # Logical axes of the activations constrained at block boundaries (no-ops on one device).
 RESIDUAL_AXES = ("batch", "length", "act_embed")  # [B, L, D], between layers
-CACHE_AXES = ("batch", "act_kv_heads", None, None)  # [B, K, S, Hd]
+CACHE_AXES = ("batch", "act_kv_heads", None, None)  # keys [B, K, Hd, S], values [B, K, S, Hd]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _MASKED = -1e30  # finite, so fully masked rows (left padding) stay NaN-free
 
@@ -188,17 +190,19 @@ def apply_rope(x_BxLxNxHd: jax.Array, rope) -> jax.Array:
     return out.astype(x_BxLxNxHd.dtype)
 
 
-def attention(q_BxLxHxHd, k_BxKxSxHd, v_BxKxSxHd, allowed_BxLxS) -> jax.Array:
+def attention(q_BxLxHxHd, k_BxKxSxHd, v_BxKxSxHd, allowed_BxLxS, *,
+              keys_transposed: bool = False) -> jax.Array:
     """Grouped-query attention with a boolean mask; float32 scores and softmax. Keys and values
-    are head-major ([B, K, S, Hd], the cache layout). The G = H / K query heads of a kv head and
-    the L positions form one matrix, so each score and output product is a single batched
-    matmul over (B, K) in the operands' own layout."""
+    are head-major ([B, K, S, Hd]; with `keys_transposed` the keys are [B, K, Hd, S], the cache
+    layout). The G = H / K query heads of a kv head and the L positions form one matrix, so each
+    score and output product is a single batched matmul over (B, K) in the operands' own
+    layout."""
     b, l, h, hd = q_BxLxHxHd.shape
-    kv, s = k_BxKxSxHd.shape[1], k_BxKxSxHd.shape[2]
+    kv, s = v_BxKxSxHd.shape[1], v_BxKxSxHd.shape[2]
     g = h // kv
     q = q_BxLxHxHd.reshape(b, l, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * l, hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_BxKxSxHd,
-                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    spec = "bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs"
+    scores = jnp.einsum(spec, q, k_BxKxSxHd, preferred_element_type=jnp.float32) / math.sqrt(hd)
     scores = jnp.where(allowed_BxLxS[:, None, None], scores.reshape(b, kv, g, l, s), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxHd.dtype).reshape(b, kv, g * l, s)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v_BxKxSxHd).reshape(b, kv, g, l, hd)
@@ -247,17 +251,19 @@ def _attn_out_mlp(x, o_BxLxHxHd, lp, cfg: ModelConfig):
 
 
 def _layer(x, lp, *, cfg: ModelConfig, rope, allowed, cache=None, index=0):
-    """One pre-norm block. `cache` is this layer's (k [B, K, S, Hd], v) or None."""
+    """One pre-norm block. `cache` is this layer's (k [B, K, Hd, S], v [B, K, S, Hd]) or None."""
     with jax.named_scope("attention"):
         q, k, v = _qkv(x, lp, cfg, rope)
         if cache is not None:
             # Write this step's keys/values into their slots (in place: the buffer is donated),
             # then attend over every slot.
-            cache = tuple(constrain(jax.lax.dynamic_update_slice(c, new.astype(c.dtype),
-                                                                 (0, 0, index, 0)), CACHE_AXES)
-                          for c, new in zip(cache, (k, v)))
-            k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
-        o = attention(q, k, v, allowed)
+            ck, cv = cache
+            ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, index))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
+            cache = tuple(constrain(c, CACHE_AXES) for c in (ck, cv))
+            o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), allowed, keys_transposed=True)
+        else:
+            o = attention(q, k, v, allowed)
     return _attn_out_mlp(x, o, lp, cfg), cache
 
 
@@ -448,10 +454,14 @@ def split_layers(params: Params) -> Params:
                                       for i in range(n))}
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> Cache:
-    shape = (batch, cfg.num_kv_heads, length, cfg.hd)
-    dt = DTYPES[dtype or cfg.compute_dtype]
-    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for name in "kv"}
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+    """Zeroed cache of `length` slots: keys [B, K, Hd, S], values [B, K, S, Hd] per layer.
+    `dtype`: a name ("bfloat16") or a dtype; default the compute dtype."""
+    dt = DTYPES.get(dtype, dtype) if dtype is not None else DTYPES[cfg.compute_dtype]
+    shapes = {"k": (batch, cfg.num_kv_heads, cfg.hd, length),
+              "v": (batch, cfg.num_kv_heads, length, cfg.hd)}
+    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+            for name, shape in shapes.items()}
 
 
 def cached_step(params: Params, tokens_BxL, cfg: ModelConfig, *, cache: Cache, index,
@@ -469,3 +479,75 @@ def cached_step(params: Params, tokens_BxL, cfg: ModelConfig, *, cache: Cache, i
     h, cache = decoder(params, tokens_BxL, cfg, positions_BxL=positions_BxL, allowed_BxLxS=allowed,
                        cache=cache, index=index, max_pos=s)
     return unembed(params, h[:, -1:] if last_only else h, cfg), cache
+
+
+# ----------------------------------------------------------------------------- group decoding
+# Sampling G completions per prompt, the prompt's keys and values are the same for the G rows:
+# `grouped_decode` keeps them once per prompt (the prefill's cache, [B, ...]) and only the
+# generated tokens' per row ([N, ...]), so that a decode step reads each prompt's keys and
+# values once per group instead of once per row.
+
+
+def grouped_attention(q_NxHxHd, pk_BxKxHdxP, pv_BxKxPxHd, gk_NxKxHdxT, gv_NxKxTxHd,
+                      allowed_NxS) -> jax.Array:
+    """`attention` of one new token per row, N = B * G rows (rows b*G .. b*G+G-1 belong to
+    prompt b), over its prompt's P shared slots, then its own T generated slots (`allowed_NxS`
+    masks the P + T slots in that order). The prompt products batch over (prompt, kv head) with
+    the queries of the G rows as one matrix, so each prompt key is read once per group."""
+    n, h, hd = q_NxHxHd.shape
+    b, kv, _, p = pk_BxKxHdxP.shape
+    g, rep = h // kv, n // b
+    q = q_NxHxHd.reshape(n, kv, g, hd)
+
+    def to_prompts(x):  # [N, K, g, X] -> [B, K, G*g, X]
+        return x.reshape(b, rep, kv, g, -1).transpose(0, 2, 1, 3, 4).reshape(b, kv, rep * g, -1)
+
+    def to_rows(x):  # [B, K, G*g, X] -> [N, K, g, X]
+        return x.reshape(b, kv, rep, g, -1).transpose(0, 2, 1, 3, 4).reshape(n, kv, g, -1)
+
+    f32 = dict(preferred_element_type=jnp.float32)
+    scores = jnp.concatenate(
+        [to_rows(jnp.einsum("bkqd,bkdp->bkqp", to_prompts(q), pk_BxKxHdxP, **f32)),
+         jnp.einsum("nkqd,nkdt->nkqt", q, gk_NxKxHdxT, **f32)], axis=-1) / math.sqrt(hd)
+    scores = jnp.where(allowed_NxS[:, None, None, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(pv_BxKxPxHd.dtype)
+    out = to_rows(jnp.einsum("bkqp,bkpd->bkqd", to_prompts(probs[..., :p]), pv_BxKxPxHd))
+    out = out + jnp.einsum("nkqt,nktd->nkqd", probs[..., p:], gv_NxKxTxHd)
+    return out.reshape(n, h, hd)
+
+
+def grouped_decode(params: Params, tokens_N, cfg: ModelConfig, *, prompt_cache: Cache,
+                   gen_cache: Cache, index, positions_N, prompt_mask_BxP,
+                   gen_mask_NxT) -> tuple[jax.Array, Cache]:
+    """One decode step of N = B * G rows: float32 logits [N, V] and the generated-token cache.
+
+    `prompt_cache` is the prefill's (`cached_step` over the B prompts, P slots), `gen_cache`
+    the rows' own (`init_cache(cfg, N, T)`): the new keys and values go to its slot `index`,
+    and the queries attend over the prompt slots (`prompt_mask_BxP`) and the generated ones
+    (`gen_mask_NxT`, the new slot included)."""
+    b, p = prompt_mask_BxP.shape
+    n = tokens_N.shape[0]
+    allowed = jnp.concatenate([jnp.repeat(prompt_mask_BxP.astype(bool), n // b, axis=0),
+                               gen_mask_NxT.astype(bool)], axis=1)
+    x = embed_tokens(params, tokens_N[:, None])
+    rope = rope_cos_sin(positions_N[:, None], cfg, p + gen_mask_NxT.shape[1])
+    layers = params["layers"]
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+        lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda w: w[i], layers)
+        with jax.named_scope("attention"):
+            q, k, v = _qkv(x, lp, cfg, rope)  # [N, 1, H, Hd], [N, K, 1, Hd]
+            gk, gv = gen_cache["k"][i], gen_cache["v"][i]
+            gk = constrain(jax.lax.dynamic_update_slice(
+                gk, k.swapaxes(2, 3).astype(gk.dtype), (0, 0, 0, index)), CACHE_AXES)
+            gv = constrain(jax.lax.dynamic_update_slice(gv, v.astype(gv.dtype), (0, 0, index, 0)),
+                           CACHE_AXES)
+            cd = q.dtype
+            o = grouped_attention(q[:, 0], prompt_cache["k"][i].astype(cd),
+                                  prompt_cache["v"][i].astype(cd), gk.astype(cd), gv.astype(cd),
+                                  allowed)
+        x = _attn_out_mlp(x, o[:, None], lp, cfg)
+        new_k.append(gk)
+        new_v.append(gv)
+    h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return unembed(params, h, cfg)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)}

@@ -27,8 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from grpo_jax import sharding
 from grpo_jax.config import ModelConfig, SamplerConfig
-from grpo_jax.model import (CACHE_AXES, Cache, Params, cached_step, init_cache, positions_from_mask,
-                            split_layers)
+from grpo_jax.model import (CACHE_AXES, Cache, Params, cached_step, grouped_decode, init_cache,
+                            positions_from_mask, split_layers)
 from grpo_jax.sharding import Rules, constrain
 
 
@@ -102,12 +102,22 @@ def _top_p_threshold(x_NxV, top_p):
                         lambda: _nucleus_threshold(jnp.sort(x_NxV, axis=-1)[:, ::-1], lse, top_p))
 
 
-def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig, rows=None):
+def row_noise(key: jax.Array, n: int, vocab: int, offset=0) -> jax.Array:
+    """Gumbel noise [n, V] for rows offset .. offset+n-1 of a batch: row r's is
+    `gumbel(fold_in(key, r), [V])`, so a device that holds some rows of the batch draws their
+    noise, and only theirs, as one device holding the whole batch would."""
+    rows = offset + jnp.arange(n, dtype=jnp.int32)
+    draw = lambda r: jax.random.gumbel(jax.random.fold_in(key, r), (vocab,), jnp.float32)
+    return jax.vmap(draw)(rows)
+
+
+def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig, offset=0,
+                 noise_NxV=None):
     """(token [N], log-prob at temperature 1 [N], log-prob under the sampling distribution [N]).
 
-    `rows = (offset, total)`: these N rows are rows offset .. offset+N-1 of a batch of `total`
-    (one device's shard): each takes its row of the noise drawn for the whole batch, so that the
-    tokens are those of the whole batch sampled on one device."""
+    Tokens are drawn by Gumbel-max: the argmax of the filtered logits plus `row_noise(key, ...)`
+    (`offset`: these N rows are rows offset .. offset+N-1 of a batch split over devices).
+    `noise_NxV`: that noise, already drawn (`key` is then unused)."""
     logits_NxV = logits_NxV.astype(jnp.float32)
     policy_logp = jax.nn.log_softmax(logits_NxV, axis=-1)
     if scfg.greedy:
@@ -115,15 +125,27 @@ def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig, row
         sample_logp = jnp.zeros(tok.shape, jnp.float32)
     else:
         x = filter_logits(logits_NxV, scfg)
-        if rows is None:
-            tok = jax.random.categorical(key, x, axis=-1)
-        else:  # what `categorical` does (Gumbel-max), on this shard's rows of the noise
-            offset, total = rows
-            noise = jax.random.gumbel(key, (total, x.shape[-1]), x.dtype)
-            tok = jnp.argmax(jax.lax.dynamic_slice_in_dim(noise, offset, x.shape[0]) + x, axis=-1)
+        if noise_NxV is None:
+            noise_NxV = row_noise(key, x.shape[0], x.shape[-1], offset)
+        tok = jnp.argmax(noise_NxV + x, axis=-1)
         sample_logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], -1)[:, 0]
     pick = jnp.take_along_axis(policy_logp, tok[:, None], -1)[:, 0]
     return tok.astype(jnp.int32), pick, sample_logp
+
+
+# Draw the whole decode's Gumbel noise before the loop when it takes at most this many bytes:
+# one batched draw instead of a small one (a rolled threefry loop on the CPU) at every step.
+NOISE_BUDGET_BYTES = 32 << 20
+
+
+def decode_noise(key: jax.Array, t_max: int, n: int, vocab: int, offset=0):
+    """The noise of decode steps 0 .. t_max-1 for n rows, [T, n, V] (step t's is
+    `row_noise(fold_in(key, t), ...)`, what the step would draw itself), or None when it would
+    take more than `NOISE_BUDGET_BYTES` (each step then draws its own)."""
+    if t_max * n * vocab * 4 > NOISE_BUDGET_BYTES:
+        return None
+    steps = jnp.arange(t_max, dtype=jnp.int32)
+    return jax.vmap(lambda t: row_noise(jax.random.fold_in(key, t), n, vocab, offset))(steps)
 
 
 def _stop_ids(scfg: SamplerConfig) -> jax.Array:
@@ -132,43 +154,47 @@ def _stop_ids(scfg: SamplerConfig) -> jax.Array:
 
 def prefill_state(params: Params, cache: Cache, tokens_BxP, mask_BxP, *, cfg: ModelConfig,
                   t_max: int, group_size: int, pad_id: int) -> dict:
-    """The decode loop's first state: each prompt prefilled once, then each of its G rows given a
-    copy of its cache, the last logits, the key mask and the next positions, and empty outputs."""
+    """The decode loop's first state: each prompt prefilled once (its keys and values kept once,
+    for its G rows: `model.grouped_decode`), the G rows' copies of its last logits and next
+    position, the generated tokens' `cache` (`init_cache(cfg, N, t_max)`, the donated buffer),
+    and empty outputs."""
     b, p = tokens_BxP.shape
     n = b * group_size
-    prompt_cache = jax.tree.map(lambda c: c[:b], cache)
-    kv_mask = jnp.concatenate([mask_BxP, jnp.zeros((b, t_max), bool)], axis=1)
     positions = positions_from_mask(mask_BxP)
-    logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=prompt_cache, index=0,
-                                       positions_BxL=positions, kv_mask_BxS=kv_mask, last_only=True)
+    empty = init_cache(cfg, b, p, cache["k"][0].dtype)
+    logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=empty, index=0,
+                                       positions_BxL=positions, kv_mask_BxS=mask_BxP,
+                                       last_only=True)
     rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
-    cache = jax.tree.map(lambda c, pc: c.at[:, :, :p].set(rep(pc[:, :, :p])), cache, prompt_cache)
-    return dict(last=rep(logits[:, -1]), cache=cache, kv_mask=rep(kv_mask),
-                pos=rep(positions[:, -1] + 1), done=jnp.zeros((n,), bool),
+    return dict(last=rep(logits[:, -1]), prompt_cache=prompt_cache, prompt_mask=mask_BxP,
+                cache=cache, pos=rep(positions[:, -1] + 1), done=jnp.zeros((n,), bool),
                 tokens=jnp.full((n, t_max), pad_id, jnp.int32), mask=jnp.zeros((n, t_max), bool),
                 logps=jnp.zeros((n, t_max), jnp.float32),
                 sample_logps=jnp.zeros((n, t_max), jnp.float32))
 
 
 def decode_step(params: Params, key, s: dict, t, *, cfg: ModelConfig, scfg: SamplerConfig,
-                prompt_len: int, pad_id: int, rows=None, forward: bool = True) -> dict:
+                pad_id: int, offset=0, noise=None, forward: bool = True) -> dict:
     """One step of the decode loop on state `s` (`prefill_state`): sample new token t of every
-    row from the last logits, write it and (if `forward`) run it through the model. Rows already
-    done get `pad_id` and keep their masks and log-probs unchanged. `rows`: as in
-    `sample_token`. The last token needs no forward: nothing reads its logits."""
-    tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg, rows)
+    row from the last logits, write it and (if `forward`) run it through the model
+    (`model.grouped_decode`). Rows already done get `pad_id` and keep their masks and log-probs
+    unchanged. `offset`: as in `sample_token`;
+    `noise`: `decode_noise(...)` or None. The last token needs no forward: nothing reads its
+    logits."""
+    tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg, offset,
+                                    None if noise is None else noise[t])
     live = ~s["done"]
     tok = jnp.where(live, tok, pad_id)
     done = s["done"] | jnp.isin(tok, _stop_ids(scfg))
-    kv_mask = s["kv_mask"].at[:, prompt_len + t].set(live)
+    col = lambda a, v: a.at[:, t].set(jnp.where(live, v, 0).astype(a.dtype))
+    mask = col(s["mask"], True)  # also the generated slots' key mask: a live row's token t
     last, cache = s["last"], s["cache"]
     if forward:
-        logits, cache = cached_step(params, tok[:, None], cfg, cache=cache, index=prompt_len + t,
-                                    positions_BxL=s["pos"][:, None], kv_mask_BxS=kv_mask)
-        last = logits[:, 0]
-    col = lambda a, v: a.at[:, t].set(jnp.where(live, v, 0).astype(a.dtype))
-    return dict(last=last, cache=cache, kv_mask=kv_mask, pos=s["pos"] + 1,
-                done=done, tokens=s["tokens"].at[:, t].set(tok), mask=col(s["mask"], True),
+        last, cache = grouped_decode(params, tok, cfg, prompt_cache=s["prompt_cache"],
+                                     gen_cache=cache, index=t, positions_N=s["pos"],
+                                     prompt_mask_BxP=s["prompt_mask"], gen_mask_NxT=mask)
+    return dict(s, last=last, cache=cache, pos=s["pos"] + 1, done=done,
+                tokens=s["tokens"].at[:, t].set(tok), mask=mask,
                 logps=col(s["logps"], logp), sample_logps=col(s["sample_logps"], slogp))
 
 
@@ -197,21 +223,34 @@ def samples_of(s: dict, scfg: SamplerConfig) -> Samples:
                    sample_logps=s["sample_logps"], truncated=truncated)
 
 
+def untie_for_decode(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
+    """On the CPU, a tied embedding table is transposed once per call into an `lm_head` [D, V]
+    for the decode (XLA:CPU's decode matmul against the table transposed in place ran 4x
+    slower: 1.7 vs 0.55 ms a call, docs/benchmarks.md session 7). Elsewhere unchanged. Params
+    may lead with a runs axis (`vectorized`)."""
+    if not cfg.tie_word_embeddings or jax.default_backend() != "cpu":
+        return params, cfg
+    lm_head = jax.lax.optimization_barrier(jnp.swapaxes(params["embed"], -1, -2))
+    return {**params, "lm_head": lm_head}, dataclasses.replace(cfg, tie_word_embeddings=False)
+
+
 def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: ModelConfig,
-              scfg: SamplerConfig, group_size: int, pad_id: int, shards: int = 1,
-              batch_axes=None):
-    """Prefill and decode. Under `shard_map`, `shards` > 1 copies of this run on their own
-    rows (`batch_axes` names the mesh axes they are split over)."""
-    rows = None
+              scfg: SamplerConfig, group_size: int, pad_id: int, batch_axes=None):
+    """Prefill and decode. Under `shard_map`, one copy of this runs on each batch shard's rows
+    (`batch_axes` names the mesh axes they are split over)."""
+    params, cfg = untie_for_decode(params, cfg)
+    offset = 0  # of this shard's first row in the batch
     if batch_axes is not None:
-        n = tokens_BxP.shape[0] * group_size
-        rows = (jax.lax.axis_index(batch_axes) * n, n * shards)
+        offset = jax.lax.axis_index(batch_axes) * tokens_BxP.shape[0] * group_size
     with jax.named_scope("prefill"):
         init = prefill_state(params, cache, tokens_BxP, mask_BxP, cfg=cfg,
                              t_max=scfg.max_new_tokens, group_size=group_size, pad_id=pad_id)
-    step = lambda s, t, forward: decode_step(params, key, s, t, cfg=cfg, scfg=scfg,
-                                             prompt_len=tokens_BxP.shape[1], pad_id=pad_id,
-                                             rows=rows, forward=forward)
+    noise = None
+    if not scfg.greedy:
+        noise = decode_noise(key, scfg.max_new_tokens, init["last"].shape[0], cfg.vocab_size,
+                             offset)
+    step = lambda s, t, forward: decode_step(params, key, s, t, cfg=cfg, scfg=scfg, pad_id=pad_id,
+                                             offset=offset, noise=noise, forward=forward)
     with jax.named_scope("decode"):
         s = decode_loop(step, init, scfg.max_new_tokens)
     # On a mesh: the results split like the batch, the cache as it came in (so that it can be
@@ -231,8 +270,8 @@ def _generate_under(mesh, rules: Rules):
 
 
 @functools.lru_cache(maxsize=16)
-def _generate_per_shard(mesh, batch_axes, shards: int):
-    """`_generate` as `shards` independent programs, one per batch shard of `mesh` (weights
+def _generate_per_shard(mesh, batch_axes):
+    """`_generate` as independent programs, one per batch shard of `mesh` (weights
     replicated): no collective at all, and each shard leaves the loop when its own rows are done.
     On a CPU with one XLA device per core this keeps the cores busier than one device whose
     small decode matmuls are split across its threads (docs/benchmarks.md, session 5)."""
@@ -240,7 +279,7 @@ def _generate_per_shard(mesh, batch_axes, shards: int):
 
     def fn(params, cache, tokens_BxP, mask_BxP, key, *, cfg, scfg, group_size, pad_id):
         local = functools.partial(_generate, cfg=cfg, scfg=scfg, group_size=group_size,
-                                  pad_id=pad_id, shards=shards, batch_axes=batch_axes)
+                                  pad_id=pad_id, batch_axes=batch_axes)
         return jax.shard_map(local, mesh=mesh, in_specs=(rep, rows, rows, rows, rep),
                              out_specs=(rows, rows), check_vma=False)(
             params, cache, tokens_BxP, mask_BxP, key)
@@ -286,7 +325,7 @@ class Sampler:
                 params_sharding, is_leaf=lambda x: isinstance(x, NamedSharding)))
             self.shards = sharding.batch_parallelism(mesh, rules)
             if replicated and self.shards > 1:
-                per_shard = _generate_per_shard(mesh, batch_axes, self.shards)
+                per_shard = _generate_per_shard(mesh, batch_axes)
             # Weights on one CPU device are shared by all (views of its buffers: no copy).
             self._share = replicated and sharding.host_shared(mesh)
         # The cache is donated: XLA writes into the same buffer, which we get back and keep.
@@ -296,7 +335,7 @@ class Sampler:
 
     def _buffer(self, rows: int, length: int) -> Cache:
         c = self._cache
-        if c is None or c["k"][0].shape[0] != rows or c["k"][0].shape[2] != length:
+        if c is None or c["v"][0].shape[0] != rows or c["v"][0].shape[2] != length:
             make = functools.partial(init_cache, self.cfg, rows, length, self.cache_dtype)
             if self.mesh is None:
                 c = make()
@@ -315,7 +354,7 @@ class Sampler:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(mask_BxP, bool)
         b, p = tokens_BxP.shape
-        cache = self._buffer(b * group_size, p + self.scfg.max_new_tokens)
+        cache = self._buffer(b * group_size, self.scfg.max_new_tokens)
         fn, split = self._fn, None
         if self.mesh is not None:
             devices = frozenset(self.mesh.devices.flat)

@@ -73,7 +73,7 @@ from grpo_jax import model
 from grpo_jax.config import Experiment, ModelConfig
 from grpo_jax.optim import lr_schedule, make_optimizer
 from grpo_jax.sampler import (Samples, decode_loop, decode_step, pad_prompts, prefill_state,
-                              samples_of)
+                              samples_of, untie_for_decode)
 from grpo_jax.tasks.templates import format_prompt
 from grpo_jax.trainer import GRPOTrainer, TrainState, host_batch, prompt_ids
 
@@ -109,10 +109,10 @@ def generate_runs(params, cache, tokens_RxBxP, mask_RxBxP, keys_R, *, cfg: Model
     included, at every step and turns the cache writes into scatters: 1.5x slower on CPU.) A
     run whose rows are all done keeps stepping as no-ops (pad tokens, masks unchanged), exactly
     as done rows do in `_generate`, so its samples are those of `_generate`."""
+    params, cfg = untie_for_decode(params, cfg)
     prefill = functools.partial(prefill_state, cfg=cfg, t_max=scfg.max_new_tokens,
                                 group_size=group_size, pad_id=pad_id)
-    one_step = functools.partial(decode_step, cfg=cfg, scfg=scfg,
-                                 prompt_len=tokens_RxBxP.shape[2], pad_id=pad_id)
+    one_step = functools.partial(decode_step, cfg=cfg, scfg=scfg, pad_id=pad_id)
     step = lambda s, t, forward: jax.vmap(functools.partial(one_step, forward=forward),
                                           in_axes=(0, 0, 0, None))(params, keys_R, s, t)
     with jax.named_scope("prefill"):
@@ -239,9 +239,9 @@ class VectorizedGRPO:
 
     def _sample(self, params, tokens, mask, step: int) -> Samples:
         r, b, p = tokens.shape
-        rows, length = b * self.exps[0].grpo.group_size, p + self.trainer.scfg.max_new_tokens
+        rows, length = b * self.exps[0].grpo.group_size, self.trainer.scfg.max_new_tokens
         c = self._cache
-        if c is None or c["k"][0].shape[1] != rows or c["k"][0].shape[3] != length:
+        if c is None or c["v"][0].shape[1] != rows or c["v"][0].shape[3] != length:
             shapes = jax.eval_shape(lambda: model.init_cache(self.cfg, rows, length))
             c = jax.tree.map(lambda s: jnp.zeros((r, *s.shape), s.dtype), shapes)
         self._cache = None
