@@ -2,12 +2,13 @@
 
 Prompts are left-padded to a bucketed length, so that every slot index is shared by the whole
 batch and a second call with the same bucket reuses the compiled program. With `group_size=G`
-each prompt is prefilled once and its cache is repeated G times (rows b*G .. b*G+G-1 belong to
-prompt b); each row then samples independently.
+each prompt is prefilled once and its keys and values are kept once for its G rows (rows
+b*G .. b*G+G-1 belong to prompt b; `model.grouped_decode`); each row then samples
+independently, with its generated tokens' keys and values in its own cache slots.
 
-The KV cache is a preallocated buffer donated to the program and handed back, so a `Sampler`
-reuses the same memory call after call; stale slots are never read because the key mask only
-admits the slots written in this call.
+That generated-token cache ([N, ...], T slots) is a preallocated buffer donated to the program
+and handed back, so a `Sampler` reuses the same memory call after call; stale slots are never
+read because the key mask only admits the slots written in this call.
 
 On a mesh (`Sampler(..., mesh=mesh)`) the sampler uses the decoding layout (`SAMPLE_RULES`): the
 weights are resharded for the rollout (tensor-parallel, no FSDP), and the batch and the KV cache
