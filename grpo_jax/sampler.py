@@ -353,7 +353,7 @@ class Sampler:
             raise ValueError("a PRNG key is required: pass jax.random.key(seed) folded with the step")
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
-        tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(mask_BxP, bool)
+        tokens_BxP, mask_BxP = np.asarray(tokens_BxP, np.int32), np.asarray(mask_BxP, bool)
         b, p = tokens_BxP.shape
         cache = self._buffer(b * group_size, self.scfg.max_new_tokens)
         fn, split = self._fn, None
@@ -371,8 +371,8 @@ class Sampler:
                     params = jax.device_put(params, self._params_sharding)
             if self._per_shard is not None and b % self.shards == 0:
                 fn = self._per_shard
-            tokens_BxP, mask_BxP = (sharding.place(x, sharding.activation_sharding(
-                self.mesh, self.rules, x.shape, ("batch", None))) for x in (tokens_BxP, mask_BxP))
+            tokens_BxP, mask_BxP = sharding.place((tokens_BxP, mask_BxP), sharding.activation_sharding(
+                self.mesh, self.rules, (b, p), ("batch", None)))
         # Per-layer weights as separate arguments: sliced inside the program, XLA would copy every
         # layer's weights at every decode step.
         if split is None:

@@ -282,6 +282,9 @@ def place(tree, shardings) -> Any:
 
     if isinstance(shardings, Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
+    if jax.process_count() == 1:  # one batched transfer (host arrays are cut on the host too)
+        leaves, treedef = jax.tree.flatten(tree)
+        return jax.tree.unflatten(treedef, jax.device_put(leaves, treedef.flatten_up_to(shardings)))
 
     def one(x, s):
         if isinstance(x, jax.Array) and (s.is_fully_addressable or not x.is_fully_addressable):
