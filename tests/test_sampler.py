@@ -179,3 +179,35 @@ def test_top_p_over_a_large_vocabulary_is_exact(flat):
         want = _expected(logits[r], top_p=0.9) > 0
         np.testing.assert_array_equal(kept[r], want)
     assert (kept.sum(-1) > 1024).all() == flat
+
+
+def test_grouped_attention_equals_attention_over_each_rows_full_cache():
+    """The prompt's keys kept once per group give what each row attending over its own copy of
+    them would: 3 prompts x G=4 rows, GQA (4 query heads on 2 kv heads), left-padded prompts
+    and rows that have written different numbers of tokens."""
+    b, g, kv, h, hd, p, t = 3, 4, 2, 4, 8, 5, 6
+    n = b * g
+    ks = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(ks[0], (n, h, hd))
+    pk, pv = jax.random.normal(ks[1], (b, kv, p, hd)), jax.random.normal(ks[2], (b, kv, p, hd))
+    gk, gv = jax.random.normal(ks[3], (n, kv, t, hd)), jax.random.normal(ks[4], (n, kv, t, hd))
+    prompt_mask = np.arange(p)[None] >= np.array([0, 2, 4])[:, None]  # left padding
+    gen_mask = np.arange(t)[None] < (np.arange(n) % t + 1)[:, None]  # 1 .. t tokens written
+    allowed = np.concatenate([np.repeat(prompt_mask, g, 0), gen_mask], 1)
+    got = M.grouped_attention(q, pk.swapaxes(2, 3), pv, gk.swapaxes(2, 3), gv, allowed)
+    rep = lambda x: jnp.repeat(x, g, axis=0)
+    want = M.attention(q[:, None], jnp.concatenate([rep(pk), gk], 2),
+                       jnp.concatenate([rep(pv), gv], 2), allowed[:, None])[:, 0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_noise_of_a_shard_is_its_rows_of_the_whole_batch():
+    """A device draws the Gumbel noise of its own rows only, and it is the noise one device
+    holding the whole batch draws for them; the decode's noise drawn up front is each step's."""
+    key = jax.random.key(4)
+    whole = S.row_noise(key, 8, 16)
+    np.testing.assert_array_equal(S.row_noise(key, 3, 16, offset=5), whole[5:])
+    steps = S.decode_noise(key, 4, 3, 16, offset=2)
+    for t in range(4):
+        np.testing.assert_array_equal(steps[t], S.row_noise(jax.random.fold_in(key, t), 8, 16)[2:5])
+    assert S.decode_noise(key, 10**4, 10**3, 10**3) is None  # over the budget: drawn per step
