@@ -112,6 +112,15 @@ def row_noise(key: jax.Array, n: int, vocab: int, offset=0) -> jax.Array:
     return jax.vmap(draw)(rows)
 
 
+def first_argmax(x_NxV: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, -1)` (the first of equal maxima) as a max and a min, two plain reductions:
+    XLA:CPU runs argmax's variadic (value, index) reduction unvectorized, 21 vs ~3 us for a
+    [32, 128] decode step."""
+    top = jnp.max(x_NxV, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x_NxV.shape, x_NxV.ndim - 1)
+    return jnp.min(jnp.where(x_NxV == top, iota, x_NxV.shape[-1]), axis=-1)
+
+
 def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig, offset=0,
                  noise_NxV=None):
     """(token [N], log-prob at temperature 1 [N], log-prob under the sampling distribution [N]).
@@ -122,13 +131,13 @@ def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig, off
     logits_NxV = logits_NxV.astype(jnp.float32)
     policy_logp = jax.nn.log_softmax(logits_NxV, axis=-1)
     if scfg.greedy:
-        tok = jnp.argmax(logits_NxV, axis=-1)
+        tok = first_argmax(logits_NxV)
         sample_logp = jnp.zeros(tok.shape, jnp.float32)
     else:
         x = filter_logits(logits_NxV, scfg)
         if noise_NxV is None:
             noise_NxV = row_noise(key, x.shape[0], x.shape[-1], offset)
-        tok = jnp.argmax(noise_NxV + x, axis=-1)
+        tok = first_argmax(noise_NxV + x)
         sample_logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], -1)[:, 0]
     pick = jnp.take_along_axis(policy_logp, tok[:, None], -1)[:, 0]
     return tok.astype(jnp.int32), pick, sample_logp
