@@ -294,7 +294,7 @@ def plan_memory(exp: Experiment, cfg: ModelConfig, mesh_shape: dict[str, int] | 
     G, T = g.group_size, exp.sampler.max_new_tokens
     B = exp.prompts_per_step
     P = _round_up(exp.data.max_prompt_tokens, exp.sampler.prompt_bucket)
-    S = P + T
+
     cb = _BYTES[cfg.compute_dtype]
     L = cfg.num_layers
     items: list[Item] = []
@@ -313,16 +313,18 @@ def plan_memory(exp: Experiment, cfg: ModelConfig, mesh_shape: dict[str, int] | 
     br = math.ceil(B * g.dynamic_oversample) if g.zero_std == "dynamic" else B
     kv_rows = _per_device(br * G, "batch", sample_rules, mesh)
     kv_heads = _per_device(cfg.num_kv_heads, "act_kv_heads", sample_rules, mesh)
-    add("kv_cache", "KV cache (rollout, kept)", 2 * L * kv_rows * kv_heads * S * cfg.hd * cb,
-        "resident", f"2 x {L} x [{kv_rows}, {kv_heads}, {S}, {cfg.hd}] {cfg.compute_dtype}")
+    # The sampler keeps the generated tokens' cache ([rows, T] slots); each prompt's keys and
+    # values are held once per group during the rollout (`model.grouped_decode`).
+    add("kv_cache", "KV cache (rollout, kept)", 2 * L * kv_rows * kv_heads * T * cfg.hd * cb,
+        "resident", f"2 x {L} x [{kv_rows}, {kv_heads}, {T}, {cfg.hd}] {cfg.compute_dtype}")
 
     # --- rollout: the decoding copy of the weights, the prefill, the decode step
     sdm = _Dims.of(cfg, sample_rules, mesh)
     add("sampler_params", "parameters, decoding layout", weight_bytes(cfg, mesh, sample_rules),
         "rollout", "split per layer" + ("" if mesh.get("fsdp", 1) == 1 else ", no FSDP"))
     bp = _per_device(br, "batch", sample_rules, mesh)
-    add("rollout_work", "prefill working set", _prefill_bytes(cfg, sdm, bp, P, S, kv_heads),
-        "rollout", f"logits [{bp}, {P}, {sdm.v}] f32 + one layer [{bp}, {P}] over {S} keys")
+    add("rollout_work", "prefill working set", _prefill_bytes(cfg, sdm, bp, P, kv_heads),
+        "rollout", f"logits [{bp}, {P}, {sdm.v}] f32 + one layer [{bp}, {P}] + the prompts' cache")
 
     # --- score: reference / old log-probs, one micro-batch of prompts at a time, no gradient
     tdm = _Dims.of(cfg, rules, mesh)
@@ -369,11 +371,11 @@ def plan_memory(exp: Experiment, cfg: ModelConfig, mesh_shape: dict[str, int] | 
     rows_e = _per_device(be * exp.eval.samples, "batch", sample_rules, mesh) + \
         _per_device(be, "batch", sample_rules, mesh)
     add("eval_kv_cache", "eval KV caches (k samples + greedy)",
-        2 * L * rows_e * kv_heads * S * cfg.hd * cb, "eval",
-        f"2 x {L} x [{rows_e}, {kv_heads}, {S}, {cfg.hd}] {cfg.compute_dtype}")
+        2 * L * rows_e * kv_heads * T * cfg.hd * cb, "eval",
+        f"2 x {L} x [{rows_e}, {kv_heads}, {T}, {cfg.hd}] {cfg.compute_dtype}")
     be_dev = _per_device(be, "batch", sample_rules, mesh)
     add("eval_work", "eval parameters copy + prefill", weight_bytes(cfg, mesh, sample_rules)
-        + _prefill_bytes(cfg, sdm, be_dev, P, S, kv_heads), "eval",
+        + _prefill_bytes(cfg, sdm, be_dev, P, kv_heads), "eval",
         f"{be} prompts per eval batch")
     ways = math.prod(mesh.get(m, 1) for m in _mesh_axes(rules, "batch"))
     if B % ways:
@@ -383,13 +385,13 @@ def plan_memory(exp: Experiment, cfg: ModelConfig, mesh_shape: dict[str, int] | 
                 notes=tuple(dict.fromkeys(notes)))
 
 
-def _prefill_bytes(cfg: ModelConfig, dm: _Dims, b: int, p: int, s: int, kv_heads: int) -> int:
-    """The prefill of b prompts (per device): float32 logits of every prompt position (the
-    sampler unembeds them all and keeps the last), one layer's forward over the s cache slots,
-    and the prompts' slice of the cache (1/G of it) before it is repeated G times. The decode
-    steps that follow hold far less ([rows, V] logits)."""
-    cache_slice = 2 * cfg.num_layers * b * kv_heads * s * cfg.hd * dm.c
-    return b * p * dm.v * 4 + layer_forward_bytes(dm, b, p, s) + cache_slice
+def _prefill_bytes(cfg: ModelConfig, dm: _Dims, b: int, p: int, kv_heads: int) -> int:
+    """The prefill of b prompts (per device): float32 logits [b, p, V] (an upper bound: the
+    sampler keeps the last position's), one layer's forward over the p prompt slots, and the
+    prompts' own cache, which the decode steps read for every row of their group (the steps
+    themselves hold far less: [rows, V] logits)."""
+    prompt_cache = 2 * cfg.num_layers * b * kv_heads * p * cfg.hd * dm.c
+    return b * p * dm.v * 4 + layer_forward_bytes(dm, b, p, p) + prompt_cache
 
 
 def _batch_bytes(exp: Experiment, b: int, p: int) -> int:

@@ -53,9 +53,9 @@ def test_state_and_kv_cache_bytes_by_hand():
     assert plan["opt_state"] == 2 * n_params * 4  # AdamW's mu and nu, float32 like the params
     assert plan["ref_params"] == n_params * 4
     assert plan["grads"] == 2 * n_params * 4  # accumulator + one micro-batch's gradients
-    # KV cache: k and v x 2 layers x 16 rows (4 prompts x G = 4) x 1 kv head x S x head dim 16,
-    # S = 20 prompt tokens rounded up to the bucket (32) + 12 new tokens.
-    assert plan["kv_cache"] == 2 * 2 * 16 * 1 * (32 + 12) * 16 * 4
+    # KV cache kept by the sampler: k and v x 2 layers x 16 rows (4 prompts x G = 4) x 1 kv head
+    # x 12 new tokens' slots x head dim 16 (each prompt's own slots are held once per group).
+    assert plan["kv_cache"] == 2 * 2 * 16 * 1 * 12 * 16 * 4
     bf16 = dataclasses.replace(SMALL, param_dtype="bfloat16", compute_dtype="bfloat16")
     half = plan_memory(_exp(bf16), bf16)
     assert half["params"] * 2 == plan["params"] and half["kv_cache"] * 2 == plan["kv_cache"]
@@ -88,7 +88,7 @@ def test_sharding_divides_weights_and_cache_on_a_mesh():
     assert plan["sampler_params"] > plan["params"]  # no FSDP while decoding
     assert plan["opt_state"] == 2 * plan["params"]
     # Cache rows over data x fsdp (32 / 4), kv heads over tensor (2 / 2).
-    assert plan["kv_cache"] == 2 * 2 * (32 // 4) * (2 // 2) * (32 + 12) * 16 * 4
+    assert plan["kv_cache"] == 2 * 2 * (32 // 4) * (2 // 2) * 12 * 16 * 4  # 12 new tokens
     assert plan["kv_cache"] * 8 == single["kv_cache"]
 
 
