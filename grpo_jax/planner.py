@@ -294,7 +294,6 @@ def plan_memory(exp: Experiment, cfg: ModelConfig, mesh_shape: dict[str, int] | 
     G, T = g.group_size, exp.sampler.max_new_tokens
     B = exp.prompts_per_step
     P = _round_up(exp.data.max_prompt_tokens, exp.sampler.prompt_bucket)
-
     cb = _BYTES[cfg.compute_dtype]
     L = cfg.num_layers
     items: list[Item] = []

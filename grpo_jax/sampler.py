@@ -113,12 +113,13 @@ def row_noise(key: jax.Array, n: int, vocab: int, offset=0) -> jax.Array:
 
 
 def first_argmax(x_NxV: jax.Array) -> jax.Array:
-    """`jnp.argmax(x, -1)` (the first of equal maxima) as a max and a min, two plain reductions:
-    XLA:CPU runs argmax's variadic (value, index) reduction unvectorized, 21 vs ~3 us for a
-    [32, 128] decode step."""
+    """`jnp.argmax(x, -1)` (the first of equal maxima; the first NaN if any) as a max and a
+    min, two plain reductions: XLA:CPU runs argmax's variadic (value, index) reduction
+    unvectorized, 21 vs ~3 us for a [32, 128] decode step."""
     top = jnp.max(x_NxV, axis=-1, keepdims=True)
     iota = jax.lax.broadcasted_iota(jnp.int32, x_NxV.shape, x_NxV.ndim - 1)
-    return jnp.min(jnp.where(x_NxV == top, iota, x_NxV.shape[-1]), axis=-1)
+    hit = (x_NxV == top) | jnp.isnan(x_NxV)
+    return jnp.min(jnp.where(hit, iota, x_NxV.shape[-1]), axis=-1)
 
 
 def sample_token(logits_NxV: jax.Array, key: jax.Array, scfg: SamplerConfig, offset=0,
@@ -188,9 +189,8 @@ def decode_step(params: Params, key, s: dict, t, *, cfg: ModelConfig, scfg: Samp
     """One step of the decode loop on state `s` (`prefill_state`): sample new token t of every
     row from the last logits, write it and (if `forward`) run it through the model
     (`model.grouped_decode`). Rows already done get `pad_id` and keep their masks and log-probs
-    unchanged. `offset`: as in `sample_token`;
-    `noise`: `decode_noise(...)` or None. The last token needs no forward: nothing reads its
-    logits."""
+    unchanged. `offset`: as in `sample_token`; `noise`: `decode_noise(...)` or None. The last
+    token needs no forward: nothing reads its logits."""
     tok, logp, slogp = sample_token(s["last"], jax.random.fold_in(key, t), scfg, offset,
                                     None if noise is None else noise[t])
     live = ~s["done"]

@@ -211,3 +211,10 @@ def test_noise_of_a_shard_is_its_rows_of_the_whole_batch():
     for t in range(4):
         np.testing.assert_array_equal(steps[t], S.row_noise(jax.random.fold_in(key, t), 8, 16)[2:5])
     assert S.decode_noise(key, 10**4, 10**3, 10**3) is None  # over the budget: drawn per step
+
+
+def test_first_argmax_is_argmax_with_ties_and_nans():
+    x = jnp.array([[1.0, 3.0, 3.0, 0.0], [-jnp.inf, -1.0, -jnp.inf, -1.0],
+                   [0.0, jnp.nan, 5.0, jnp.nan], [2.0, 2.0, 2.0, 2.0]])
+    np.testing.assert_array_equal(S.first_argmax(x), jnp.argmax(x, -1))
+    np.testing.assert_array_equal(S.first_argmax(x), [1, 1, 1, 0])
