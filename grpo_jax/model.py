@@ -250,6 +250,20 @@ def _attn_out_mlp(x, o_BxLxHxHd, lp, cfg: ModelConfig):
     return constrain(x, RESIDUAL_AXES)
 
 
+def _cache_write(ck, cv, k_BxKxLxHd, v_BxKxLxHd, index):
+    """This layer's cache (keys [B, K, Hd, S], values [B, K, S, Hd]) with L new keys and values
+    written at slots [index, index + L) (in place when the buffer is donated)."""
+    ck = jax.lax.dynamic_update_slice(ck, k_BxKxLxHd.swapaxes(2, 3).astype(ck.dtype),
+                                      (0, 0, 0, index))
+    cv = jax.lax.dynamic_update_slice(cv, v_BxKxLxHd.astype(cv.dtype), (0, 0, index, 0))
+    return constrain(ck, CACHE_AXES), constrain(cv, CACHE_AXES)
+
+
+def _layer_params(layers, i: int) -> Params:
+    """Layer i's weights, from per-layer dicts (`split_layers`) or stacked arrays."""
+    return layers[i] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda w: w[i], layers)
+
+
 def _layer(x, lp, *, cfg: ModelConfig, rope, allowed, cache=None, index=0):
     """One pre-norm block. `cache` is this layer's (k [B, K, Hd, S], v [B, K, S, Hd]) or None."""
     with jax.named_scope("attention"):
@@ -257,10 +271,7 @@ def _layer(x, lp, *, cfg: ModelConfig, rope, allowed, cache=None, index=0):
         if cache is not None:
             # Write this step's keys/values into their slots (in place: the buffer is donated),
             # then attend over every slot.
-            ck, cv = cache
-            ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, index))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
-            cache = tuple(constrain(c, CACHE_AXES) for c in (ck, cv))
+            ck, cv = cache = _cache_write(*cache, k, v, index)
             o = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), allowed, keys_transposed=True)
         else:
             o = attention(q, k, v, allowed)
@@ -303,10 +314,9 @@ def decoder(params: Params, tokens_BxL, cfg: ModelConfig, *, positions_BxL, allo
                               allowed=allowed_BxLxS, index=index)
     if cache is not None:
         new_k, new_v = [], []
-        layers = params["layers"]
         for i in range(cfg.num_layers):
-            lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda w: w[i], layers)
-            x, (k, v) = layer(x, lp, cache=(cache["k"][i], cache["v"][i]))
+            x, (k, v) = layer(x, _layer_params(params["layers"], i),
+                              cache=(cache["k"][i], cache["v"][i]))
             new_k.append(k)
             new_v.append(v)
         cache = {"k": tuple(new_k), "v": tuple(new_v)}
@@ -531,17 +541,12 @@ def grouped_decode(params: Params, tokens_N, cfg: ModelConfig, *, prompt_cache: 
                                gen_mask_NxT.astype(bool)], axis=1)
     x = embed_tokens(params, tokens_N[:, None])
     rope = rope_cos_sin(positions_N[:, None], cfg, p + gen_mask_NxT.shape[1])
-    layers = params["layers"]
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
-        lp = layers[i] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda w: w[i], layers)
+        lp = _layer_params(params["layers"], i)
         with jax.named_scope("attention"):
             q, k, v = _qkv(x, lp, cfg, rope)  # [N, 1, H, Hd], [N, K, 1, Hd]
-            gk, gv = gen_cache["k"][i], gen_cache["v"][i]
-            gk = constrain(jax.lax.dynamic_update_slice(
-                gk, k.swapaxes(2, 3).astype(gk.dtype), (0, 0, 0, index)), CACHE_AXES)
-            gv = constrain(jax.lax.dynamic_update_slice(gv, v.astype(gv.dtype), (0, 0, index, 0)),
-                           CACHE_AXES)
+            gk, gv = _cache_write(gen_cache["k"][i], gen_cache["v"][i], k, v, index)
             cd = q.dtype
             o = grouped_attention(q[:, 0], prompt_cache["k"][i].astype(cd),
                                   prompt_cache["v"][i].astype(cd), gk.astype(cd), gv.astype(cd),

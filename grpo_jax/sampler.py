@@ -380,8 +380,9 @@ class Sampler:
                     params = jax.device_put(params, self._params_sharding)
             if self._per_shard is not None and b % self.shards == 0:
                 fn = self._per_shard
-            tokens_BxP, mask_BxP = sharding.place((tokens_BxP, mask_BxP), sharding.activation_sharding(
-                self.mesh, self.rules, (b, p), ("batch", None)))
+            prompt_sharding = sharding.activation_sharding(self.mesh, self.rules, (b, p),
+                                                           ("batch", None))
+            tokens_BxP, mask_BxP = sharding.place((tokens_BxP, mask_BxP), prompt_sharding)
         # Per-layer weights as separate arguments: sliced inside the program, XLA would copy every
         # layer's weights at every decode step.
         if split is None:
