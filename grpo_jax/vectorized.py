@@ -238,7 +238,7 @@ class VectorizedGRPO:
         return jax.vmap(one)(state, batch, keys, hyper, active)
 
     def _sample(self, params, tokens, mask, step: int) -> Samples:
-        r, b, p = tokens.shape
+        r, b, _ = tokens.shape
         rows, length = b * self.exps[0].grpo.group_size, self.trainer.scfg.max_new_tokens
         c = self._cache
         if c is None or c["v"][0].shape[1] != rows or c["v"][0].shape[3] != length:
