@@ -474,6 +474,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
             for name, shape in shapes.items()}
 
 
+def cache_fits(cache: Cache | None, rows: int, length: int) -> bool:
+    """Whether `cache` (as `init_cache` makes it, any leading dims) holds `rows` rows of
+    `length` slots, so that a sampler can donate it again instead of allocating a new one."""
+    return cache is not None and cache["v"][0].shape[-4:-1:2] == (rows, length)
+
+
 def cached_step(params: Params, tokens_BxL, cfg: ModelConfig, *, cache: Cache, index,
                 positions_BxL, kv_mask_BxS, last_only: bool = False) -> tuple[jax.Array, Cache]:
     """Run L new tokens against the cache (prefill when L > 1, decode when L = 1).

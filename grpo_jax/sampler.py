@@ -28,8 +28,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from grpo_jax import sharding
 from grpo_jax.config import ModelConfig, SamplerConfig
-from grpo_jax.model import (CACHE_AXES, Cache, Params, cached_step, grouped_decode, init_cache,
-                            positions_from_mask, split_layers)
+from grpo_jax.model import (CACHE_AXES, Cache, Params, cache_fits, cached_step, grouped_decode,
+                            init_cache, positions_from_mask, split_layers)
 from grpo_jax.sharding import Rules, constrain
 
 
@@ -345,7 +345,7 @@ class Sampler:
 
     def _buffer(self, rows: int, length: int) -> Cache:
         c = self._cache
-        if c is None or c["v"][0].shape[0] != rows or c["v"][0].shape[2] != length:
+        if not cache_fits(c, rows, length):
             make = functools.partial(init_cache, self.cfg, rows, length, self.cache_dtype)
             if self.mesh is None:
                 c = make()

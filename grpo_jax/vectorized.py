@@ -241,7 +241,7 @@ class VectorizedGRPO:
         r, b, _ = tokens.shape
         rows, length = b * self.exps[0].grpo.group_size, self.trainer.scfg.max_new_tokens
         c = self._cache
-        if c is None or c["v"][0].shape[1] != rows or c["v"][0].shape[3] != length:
+        if not model.cache_fits(c, rows, length):
             shapes = jax.eval_shape(lambda: model.init_cache(self.cfg, rows, length))
             c = jax.tree.map(lambda s: jnp.zeros((r, *s.shape), s.dtype), shapes)
         self._cache = None

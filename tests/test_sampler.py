@@ -155,6 +155,14 @@ def test_same_bucket_does_not_recompile(params):
     assert sampler.cache_size() == sizes[0] + 1
 
 
+def test_cache_fits_reads_rows_and_slots_with_any_leading_dims():
+    c = M.init_cache(CFG, 6, 8)
+    assert M.cache_fits(c, 6, 8)
+    assert not M.cache_fits(c, 6, 9) and not M.cache_fits(c, 8, 6) and not M.cache_fits(None, 6, 8)
+    runs = jax.tree.map(lambda x: jnp.stack([x] * 3), c)  # `vectorized`: a leading runs axis
+    assert M.cache_fits(runs, 6, 8) and not M.cache_fits(runs, 3, 8)
+
+
 def test_missing_key_and_bad_settings_are_errors(params):
     sampler = S.Sampler(CFG, SamplerConfig(max_new_tokens=2))
     tokens, mask = S.pad_prompts(PROMPTS, bucket=4)
