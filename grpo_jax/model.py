@@ -477,7 +477,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
 def cache_fits(cache: Cache | None, rows: int, length: int) -> bool:
     """Whether `cache` (as `init_cache` makes it, any leading dims) holds `rows` rows of
     `length` slots, so that a sampler can donate it again instead of allocating a new one."""
-    return cache is not None and cache["v"][0].shape[-4:-1:2] == (rows, length)
+    if cache is None:
+        return False
+    shape = cache["v"][0].shape  # [..., rows, K, slots, Hd]
+    return (shape[-4], shape[-2]) == (rows, length)
 
 
 def cached_step(params: Params, tokens_BxL, cfg: ModelConfig, *, cache: Cache, index,

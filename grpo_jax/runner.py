@@ -548,6 +548,9 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
             save(step + 1)
     flush()
     bar.close()
+    if stop.requested:
+        say("the stop request was handled in the last step: the run is complete, finishing "
+            "normally (exit 0, nothing to resume)")
     final = next((e for e in evals if e["step"] == exp.steps), None)
     if final is None:
         final = run_eval(state.params, exp.steps)
