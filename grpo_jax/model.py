@@ -135,10 +135,14 @@ def _dense_bwd(n_in, out_dtype, res, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """RMSNorm over `axis` (the features; another axis than the last in the feature-major
+    decode), computed in float32."""
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * w.astype(jnp.float32)).astype(x.dtype)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    w_shape = [1] * x.ndim
+    w_shape[axis] = -1
+    return (y * w.astype(jnp.float32).reshape(w_shape)).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -565,3 +569,163 @@ def grouped_decode(params: Params, tokens_N, cfg: ModelConfig, *, prompt_cache: 
         new_v.append(gv)
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return unembed(params, h, cfg)[:, 0], {"k": tuple(new_k), "v": tuple(new_v)}
+
+
+# ----------------------------------------------------------------------------- feature-major decoding
+# A decode step multiplies only N rows (N / devices per CPU device) by each weight: [32, 256] x
+# [256, 768] at the benchmark shape. XLA:CPU's matmul library packs the right-hand operand at
+# every call, which here is the weight matrix, read from L3 or memory at every step. The
+# feature-major layout turns each product around: weights [out, in] on the left, activations
+# [D, M] (features x rows) on the right, so the weights are read once in their storage order and
+# only the small activation operand is packed. The sampler uses it on the CPU, where it runs the
+# decode ~10% faster (docs/benchmarks.md, session 9), from `decode_layout(params)`: a copy of the
+# weights made once per set of weights (the sampler keeps it while the params stay the same).
+# Rows of a product are then contiguous slices, so q/k/v and gate/up are each one matmul.
+
+
+def decode_layout(params: Params, cfg: ModelConfig) -> Params:
+    """The weights for `fm_prefill` / `fm_grouped_decode`: per layer (a tuple, as `split_layers`)
+    "wqkv" [(H + 2K) Hd, D] (q, k, v stacked by rows), "wo" [D, H Hd], "w_gu" [2F, D] (gate then
+    up), "w_down" [D, F], the norms, biases flattened the same way; "head" [V, D] (the embedding
+    itself when tied). Takes stacked or per-layer params."""
+    def t(w, n_in):  # [*in, *out] -> [out, in]
+        return jnp.transpose(w.reshape(math.prod(w.shape[:n_in]), -1))
+
+    layers = []
+    for i in range(cfg.num_layers):
+        lp = _layer_params(params["layers"], i)
+        d = {"attn_norm": lp["attn_norm"], "mlp_norm": lp["mlp_norm"],
+             "wqkv": jnp.concatenate([t(lp["wq"], 1), t(lp["wk"], 1), t(lp["wv"], 1)]),
+             "wo": t(lp["wo"], 2),
+             "w_gu": jnp.concatenate([t(lp["w_gate"], 1), t(lp["w_up"], 1)]),
+             "w_down": t(lp["w_down"], 1)}
+        if cfg.attention_bias:
+            d["bqkv"] = jnp.concatenate([lp[b].reshape(-1) for b in ("bq", "bk", "bv")])
+        if cfg.attention_out_bias:
+            d["bo"] = lp["bo"]
+        if cfg.qk_norm:
+            d["q_norm"], d["k_norm"] = lp["q_norm"], lp["k_norm"]
+        layers.append(d)
+    head = params["embed"] if cfg.tie_word_embeddings else jnp.transpose(params["lm_head"])
+    return {"embed": params["embed"], "head": head, "final_norm": params["final_norm"],
+            "layers": tuple(layers)}
+
+
+def is_decode_layout(params: Params) -> bool:
+    return "head" in params
+
+
+def _fm_rope(x_XxHdxM: jax.Array, cos_HhxM, sin_HhxM) -> jax.Array:
+    """`apply_rope` on feature-major heads [X, Hd, M] (cos/sin: `rope_cos_sin` transposed)."""
+    x = x_XxHdxM.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=1)
+    c, s = cos_HhxM[None], sin_HhxM[None]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=1).astype(x_XxHdxM.dtype)
+
+
+def _fm_matmul(w_OxI: jax.Array, x_IxM: jax.Array, out_dtype=None) -> jax.Array:
+    return jax.lax.dot_general(w_OxI, x_IxM, (((1,), (0,)), ((), ())),
+                               preferred_element_type=out_dtype)
+
+
+def _fm_layer(x_DxM, lp, cfg: ModelConfig, rope, attend):
+    """One pre-norm block on feature-major activations [D, M]. `attend(q [H, Hd, M],
+    k [K, Hd, M], v [K, Hd, M]) -> (o [M, H Hd], extra)` does the attention (and the cache);
+    returns (x [D, M], extra)."""
+    m = x_DxM.shape[1]
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.hd
+    cd = DTYPES[cfg.compute_dtype]
+    with jax.named_scope("attention"):
+        a = rms_norm(x_DxM, lp["attn_norm"], cfg.rms_norm_eps, axis=0).astype(cd)
+        qkv = _fm_matmul(lp["wqkv"].astype(cd), a)
+        if cfg.attention_bias:
+            qkv = qkv + lp["bqkv"][:, None].astype(cd)
+        q = qkv[:h * hd].reshape(h, hd, m)
+        k = qkv[h * hd:(h + kv) * hd].reshape(kv, hd, m)
+        v = qkv[(h + kv) * hd:].reshape(kv, hd, m)
+        if cfg.qk_norm:
+            q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, axis=1)
+            k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, axis=1)
+        q, k = _fm_rope(q, *rope), _fm_rope(k, *rope)
+        o_MxHHd, extra = attend(q, k, v)
+        o = _fm_matmul(lp["wo"].astype(cd), jnp.transpose(o_MxHHd))
+        if cfg.attention_out_bias:
+            o = o + lp["bo"][:, None].astype(cd)
+        x_DxM = x_DxM + o.astype(x_DxM.dtype)
+    with jax.named_scope("mlp"):
+        a = rms_norm(x_DxM, lp["mlp_norm"], cfg.rms_norm_eps, axis=0).astype(cd)
+        gu = _fm_matmul(lp["w_gu"].astype(cd), a)
+        f = gu.shape[0] // 2
+        x_DxM = x_DxM + _fm_matmul(lp["w_down"].astype(cd),
+                                   jax.nn.silu(gu[:f]) * gu[f:]).astype(x_DxM.dtype)
+    return x_DxM, extra
+
+
+def _fm_embed(dparams: Params, tokens_M, positions_M, cfg: ModelConfig, max_pos: int):
+    """Feature-major embeddings [D, M] and RoPE cos/sin [Hd/2, M] of M tokens."""
+    x = jnp.transpose(dparams["embed"][tokens_M].astype(jnp.float32))
+    cos, sin = rope_cos_sin(positions_M, cfg, max_pos)
+    return x, (jnp.transpose(cos), jnp.transpose(sin))
+
+
+def _fm_logits(dparams: Params, x_DxM, cfg: ModelConfig) -> jax.Array:
+    """Float32 logits [M, V] after the final norm."""
+    cd = DTYPES[cfg.compute_dtype]
+    h = rms_norm(x_DxM, dparams["final_norm"], cfg.rms_norm_eps, axis=0).astype(cd)
+    logits_VxM = _fm_matmul(dparams["head"].astype(cd), h, jnp.float32)
+    # the barrier keeps XLA from folding the transpose into the product (a slow dot kernel)
+    return jnp.transpose(jax.lax.optimization_barrier(logits_VxM))
+
+
+def fm_prefill(dparams: Params, tokens_BxP, mask_BxP, cfg: ModelConfig, *,
+               cache_dtype) -> tuple[jax.Array, Cache]:
+    """The prompts' last-token logits [B, V] and their cache of P slots: what `cached_step` over
+    an empty cache with `last_only` returns, from `decode_layout` weights."""
+    b, p = tokens_BxP.shape
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.hd
+    cd = DTYPES[cfg.compute_dtype]
+    allowed = _causal_allowed(mask_BxP)
+    x, rope = _fm_embed(dparams, tokens_BxP.reshape(-1),
+                        positions_from_mask(mask_BxP).reshape(-1), cfg, p)
+
+    def attend(q, k, v):  # [X, Hd, B*P] -> queries [B, P, H, Hd], the prompts' cache
+        ck = k.reshape(kv, hd, b, p).transpose(2, 0, 1, 3).astype(cache_dtype)
+        cv = v.reshape(kv, hd, b, p).transpose(2, 0, 3, 1).astype(cache_dtype)
+        o = attention(q.reshape(h, hd, b, p).transpose(2, 3, 0, 1), ck.astype(cd), cv.astype(cd),
+                      allowed, keys_transposed=True)
+        return o.reshape(b * p, h * hd), (ck, cv)
+
+    ks, vs = [], []
+    for lp in dparams["layers"]:
+        x, (ck, cv) = _fm_layer(x, lp, cfg, rope, attend)
+        ks.append(ck)
+        vs.append(cv)
+    last = x.reshape(-1, b, p)[:, :, -1]
+    return _fm_logits(dparams, last, cfg), {"k": tuple(ks), "v": tuple(vs)}
+
+
+def fm_grouped_decode(dparams: Params, tokens_N, cfg: ModelConfig, *, prompt_cache: Cache,
+                      gen_cache: Cache, index, positions_N, prompt_mask_BxP,
+                      gen_mask_NxT) -> tuple[jax.Array, Cache]:
+    """`grouped_decode` from `decode_layout` weights: the same logits [N, V] and cache."""
+    b, p = prompt_mask_BxP.shape
+    n = tokens_N.shape[0]
+    allowed = jnp.concatenate([jnp.repeat(prompt_mask_BxP.astype(bool), n // b, axis=0),
+                               gen_mask_NxT.astype(bool)], axis=1)
+    x, rope = _fm_embed(dparams, tokens_N, positions_N, cfg, p + gen_mask_NxT.shape[1])
+    cd = DTYPES[cfg.compute_dtype]
+    new_k, new_v = [], []
+    for i, lp in enumerate(dparams["layers"]):
+        def attend(q, k, v, i=i):  # one new slot per row: k, v [K, Hd, N] -> [N, K, Hd]
+            gk, gv = _cache_write(gen_cache["k"][i], gen_cache["v"][i],
+                                  jnp.transpose(k, (2, 0, 1))[:, :, None],
+                                  jnp.transpose(v, (2, 0, 1))[:, :, None], index)
+            o = grouped_attention(jnp.transpose(q, (2, 0, 1)), prompt_cache["k"][i].astype(cd),
+                                  prompt_cache["v"][i].astype(cd), gk.astype(cd), gv.astype(cd),
+                                  allowed)
+            return o.reshape(n, -1), (gk, gv)
+
+        x, (gk, gv) = _fm_layer(x, lp, cfg, rope, attend)
+        new_k.append(gk)
+        new_v.append(gv)
+    return _fm_logits(dparams, x, cfg), {"k": tuple(new_k), "v": tuple(new_v)}

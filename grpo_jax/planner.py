@@ -12,7 +12,9 @@ What is alive when (the runner's loop, grpo_jax/trainer.py):
   parameters when beta > 0, and the rollout's KV cache: the `Sampler` keeps its donated buffer
   between steps, so it is also alive during the score and update programs.
 - rollout: the parameters again in the decoding layout (`split_layers` copies every weight, and
-  the layout is resharded without FSDP), the prefill's logits and one layer's working set.
+  the layout is resharded without FSDP; on the CPU, `model.decode_layout`'s transposed copy,
+  which the trainer's sampler drops after each rollout), the prefill's logits and one layer's
+  working set.
 - score: reference (and old) log-probs, one micro-batch of prompts at a time, no gradients.
 - update: the batch, the gradient accumulator + one micro-batch's gradients, the saved
   activations and the chunked logits of one micro-batch.

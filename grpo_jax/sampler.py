@@ -13,12 +13,17 @@ read because the key mask only admits the slots written in this call.
 On a mesh (`Sampler(..., mesh=mesh)`) the sampler uses the decoding layout (`SAMPLE_RULES`): the
 weights are resharded for the rollout (tensor-parallel, no FSDP), and the batch and the KV cache
 are split over the data axes.
+
+On the CPU, where every device holds all the weights, the sampler decodes feature-major
+(`model.decode_layout`, `fm_prefill`, `fm_grouped_decode`): weights [out, in], activations
+[features, rows], so that each small decode matmul reads its weights in storage order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Sequence
 
 import jax
@@ -28,8 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from grpo_jax import sharding
 from grpo_jax.config import ModelConfig, SamplerConfig
-from grpo_jax.model import (CACHE_AXES, Cache, Params, cache_fits, cached_step, grouped_decode,
-                            init_cache, positions_from_mask, split_layers)
+from grpo_jax.model import (CACHE_AXES, Cache, Params, cache_fits, cached_step, decode_layout,
+                            fm_grouped_decode, fm_prefill, grouped_decode, init_cache,
+                            is_decode_layout, positions_from_mask, split_layers)
 from grpo_jax.sharding import Rules, constrain
 
 
@@ -168,16 +174,22 @@ def prefill_state(params: Params, cache: Cache, tokens_BxP, mask_BxP, *, cfg: Mo
     """The decode loop's first state: each prompt prefilled once (its keys and values kept once,
     for its G rows: `model.grouped_decode`), the G rows' copies of its last logits and next
     position, the generated tokens' `cache` (`init_cache(cfg, N, t_max)`, the donated buffer),
-    and empty outputs."""
+    and empty outputs. `params`: the model's, or `model.decode_layout(params)` (the
+    feature-major prefill and decode)."""
     b, p = tokens_BxP.shape
     n = b * group_size
     positions = positions_from_mask(mask_BxP)
-    empty = init_cache(cfg, b, p, cache["k"][0].dtype)
-    logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=empty, index=0,
-                                       positions_BxL=positions, kv_mask_BxS=mask_BxP,
-                                       last_only=True)
+    if is_decode_layout(params):
+        last, prompt_cache = fm_prefill(params, tokens_BxP, mask_BxP, cfg,
+                                        cache_dtype=cache["k"][0].dtype)
+    else:
+        empty = init_cache(cfg, b, p, cache["k"][0].dtype)
+        logits, prompt_cache = cached_step(params, tokens_BxP, cfg, cache=empty, index=0,
+                                           positions_BxL=positions, kv_mask_BxS=mask_BxP,
+                                           last_only=True)
+        last = logits[:, -1]
     rep = functools.partial(jnp.repeat, repeats=group_size, axis=0)
-    return dict(last=rep(logits[:, -1]), prompt_cache=prompt_cache, prompt_mask=mask_BxP,
+    return dict(last=rep(last), prompt_cache=prompt_cache, prompt_mask=mask_BxP,
                 cache=cache, pos=rep(positions[:, -1] + 1), done=jnp.zeros((n,), bool),
                 tokens=jnp.full((n, t_max), pad_id, jnp.int32), mask=jnp.zeros((n, t_max), bool),
                 logps=jnp.zeros((n, t_max), jnp.float32),
@@ -200,9 +212,10 @@ def decode_step(params: Params, key, s: dict, t, *, cfg: ModelConfig, scfg: Samp
     mask = col(s["mask"], True)  # also the generated slots' key mask: a live row's token t
     last, cache = s["last"], s["cache"]
     if forward:
-        last, cache = grouped_decode(params, tok, cfg, prompt_cache=s["prompt_cache"],
-                                     gen_cache=cache, index=t, positions_N=s["pos"],
-                                     prompt_mask_BxP=s["prompt_mask"], gen_mask_NxT=mask)
+        decode = fm_grouped_decode if is_decode_layout(params) else grouped_decode
+        last, cache = decode(params, tok, cfg, prompt_cache=s["prompt_cache"], gen_cache=cache,
+                             index=t, positions_N=s["pos"], prompt_mask_BxP=s["prompt_mask"],
+                             gen_mask_NxT=mask)
     return dict(s, last=last, cache=cache, pos=s["pos"] + 1, done=done,
                 tokens=s["tokens"].at[:, t].set(tok), mask=mask,
                 logps=col(s["logps"], logp), sample_logps=col(s["sample_logps"], slogp))
@@ -248,7 +261,8 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
               scfg: SamplerConfig, group_size: int, pad_id: int, batch_axes=None):
     """Prefill and decode. Under `shard_map`, one copy of this runs on each batch shard's rows
     (`batch_axes` names the mesh axes they are split over)."""
-    params, cfg = untie_for_decode(params, cfg)
+    if not is_decode_layout(params):
+        params, cfg = untie_for_decode(params, cfg)
     offset = 0  # of this shard's first row in the batch
     if batch_axes is not None:
         offset = jax.lax.axis_index(batch_axes) * tokens_BxP.shape[0] * group_size
@@ -270,6 +284,7 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
 
 
 _split = jax.jit(split_layers)
+_decode_layout = jax.jit(decode_layout, static_argnums=1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -316,13 +331,20 @@ class Sampler:
     replicated). When the rules replicate every weight (pure data parallelism) and the prompts
     divide over the batch shards, each shard decodes as its own program (`_generate_per_shard`),
     with the same tokens as one device.
+
+    `feature_major` (default: on the CPU, when every device holds all the weights) samples from
+    `model.decode_layout(params)`, made once per set of weights and kept while the same params
+    come back (`fm_prefill`, `fm_grouped_decode`: the same tokens, log-probs within float
+    rounding).
     """
 
     def __init__(self, cfg: ModelConfig, scfg: SamplerConfig, *, pad_id: int = 0,
-                 cache_dtype: str | None = None, mesh=None, rules: Rules = sharding.SAMPLE_RULES):
+                 cache_dtype: str | None = None, mesh=None, rules: Rules = sharding.SAMPLE_RULES,
+                 feature_major: bool | None = None):
         self.cfg, self.scfg, self.pad_id, self.cache_dtype = cfg, scfg, pad_id, cache_dtype
         self.mesh, self.rules = mesh, rules
         self._cache: Cache | None = None
+        self._kept: tuple[list, Params] | None = None  # (weakrefs to params' leaves, their layout)
         fn, self._split, self.shards, per_shard, self._share = _generate, _split, 1, None, False
         static = ("cfg", "scfg", "group_size", "pad_id")
         if mesh is not None:
@@ -338,6 +360,13 @@ class Sampler:
                 per_shard = _generate_per_shard(mesh, batch_axes)
             # Weights on one CPU device are shared by all (views of its buffers: no copy).
             self._share = replicated and sharding.host_shared(mesh)
+        if feature_major is None:
+            feature_major = self._share if mesh is not None else jax.default_backend() == "cpu"
+        elif feature_major and mesh is not None and not replicated:
+            raise ValueError("feature_major=True needs every weight replicated on the mesh (rules "
+                             "without weight sharding, e.g. sharding.SAMPLE_RULES with a data-only "
+                             "mesh); pass feature_major=None or False")
+        self.feature_major = feature_major
         # The cache is donated: XLA writes into the same buffer, which we get back and keep.
         self._fn = jax.jit(fn, static_argnames=static, donate_argnames=("cache",))
         self._per_shard = per_shard and jax.jit(per_shard, static_argnames=static,
@@ -366,11 +395,13 @@ class Sampler:
         b, p = tokens_BxP.shape
         cache = self._buffer(b * group_size, self.scfg.max_new_tokens)
         fn, split = self._fn, None
+        if self.feature_major:
+            split = self._decode_weights(params)
         if self.mesh is not None:
             devices = frozenset(self.mesh.devices.flat)
             sets = {frozenset(x.devices()) if isinstance(x, jax.Array) else None
                     for x in jax.tree.leaves(params)}
-            if sets != {devices}:  # e.g. a trainer's params on one device
+            if split is None and sets != {devices}:  # e.g. a trainer's params on one device
                 (source,) = sets if len(sets) == 1 else (None,)
                 one_cpu = bool(source) and len(source) == 1 and next(iter(source)).platform == "cpu"
                 if self._share and one_cpu:  # each layer's weights: a view into the stack
@@ -390,6 +421,35 @@ class Sampler:
         out, self._cache = fn(split, cache, tokens_BxP, mask_BxP, key,
                               cfg=self.cfg, scfg=self.scfg, group_size=group_size, pad_id=self.pad_id)
         return out
+
+    def _decode_weights(self, params: Params) -> Params:
+        """`decode_layout(params)` (on a mesh: every device's copy a view of one buffer), made
+        again only when `params` are not the arrays of the last call: the layout is a copy, so
+        the caller may donate or delete its params meanwhile (weak references tell)."""
+        leaves = jax.tree.leaves(params)
+        if self._kept is not None:
+            refs, kept = self._kept
+            if len(refs) == len(leaves) and all(r() is x and not x.is_deleted()
+                                                for r, x in zip(refs, leaves)):
+                return kept
+        self._kept = None  # free the old copy before making the new one
+        if self.mesh is not None:
+            first = self.mesh.devices.flat[0]
+            if any(not isinstance(x, jax.Array) or len(x.devices()) != 1 for x in leaves):
+                params = jax.device_put(params, first)
+            layout = _decode_layout(params, self.cfg)
+            rep = NamedSharding(self.mesh, PartitionSpec())
+            layout = sharding.share_replicated(layout, jax.tree.map(lambda _: rep, layout))
+        else:
+            layout = _decode_layout(params, self.cfg)
+        if all(isinstance(x, jax.Array) for x in leaves):  # numpy arrays may change in place
+            self._kept = ([weakref.ref(x) for x in leaves], layout)
+        return layout
+
+    def forget_weights(self) -> None:
+        """Drop the kept `decode_layout` copy (a trainer calls this after its rollout: the params
+        change in the update, so the copy would only hold memory until the next rollout)."""
+        self._kept = None
 
     def cache_size(self) -> int:
         """Number of compiled variants (a test checks that equal buckets do not recompile)."""

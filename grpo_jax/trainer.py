@@ -274,6 +274,7 @@ class GRPOTrainer:
             out = self.sampler(state.params, p_tok, p_mask,
                                jax.random.fold_in(self.keys["rollout"], step), group_size=g.group_size)
             out = sharding.to_host(out)
+            self.sampler.forget_weights()  # the update changes the params
         t_roll = time.perf_counter() - t0
 
         lr = float(self.lr(int(state.step)))

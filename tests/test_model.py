@@ -7,7 +7,7 @@ import pytest
 
 from grpo_jax import hf_io
 from grpo_jax import model as M
-from grpo_jax.config import ModelConfig
+from grpo_jax.config import ModelConfig, RopeScaling
 from hf_models import torch_logits
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -202,3 +202,74 @@ def test_dense_and_its_gradient_equal_the_einsum(n_in, dtype, out_dtype):
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), rtol=tol, atol=tol)
+
+
+FM_CONFIGS = [
+    dict(arch="qwen2", attention_bias=True, tie_word_embeddings=True),
+    dict(arch="qwen3", qk_norm=True, num_kv_heads=1, head_dim=12),
+    dict(arch="llama", attention_bias=True, attention_out_bias=True,
+         rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16)),
+    dict(arch="llama", compute_dtype="bfloat16"),
+]
+
+
+def _fm_setup(kw, seed):
+    cfg = ModelConfig(**{**dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                                num_heads=4, num_kv_heads=2), **kw})
+    params = M.init_params(cfg, jax.random.key(seed), std=0.3)
+    if cfg.attention_bias or cfg.attention_out_bias:  # init_params zeroes biases: make them count
+        params["layers"] = {k: (v + 0.2 * jax.random.normal(jax.random.key(seed + 1), v.shape)
+                                if k in ("bq", "bk", "bv", "bo") else v)
+                            for k, v in params["layers"].items()}
+    tol = 5e-2 if cfg.compute_dtype == "bfloat16" else 2e-5
+    return cfg, params, tol
+
+
+@pytest.mark.parametrize("kw", FM_CONFIGS)
+def test_feature_major_prefill_and_decode_equal_the_row_major_ones(kw):
+    """`fm_prefill` / `fm_grouped_decode` over `decode_layout` weights give the logits and cache
+    of `cached_step` / `grouped_decode` (left-padded prompts, GQA, biases, q/k norms, untied and
+    tied heads, RoPE scaling, bf16 compute)."""
+    cfg, params, tol = _fm_setup(kw, 7)
+    dw = M.decode_layout(params, cfg)
+    rng = np.random.default_rng(0)
+    b, g, p, t = 3, 2, 6, 4
+    tokens = rng.integers(1, 64, (b, p)).astype(np.int32)
+    mask = np.ones((b, p), bool)
+    mask[1, :2] = mask[2, :5] = False
+    logits, cache = M.cached_step(params, tokens, cfg, cache=M.init_cache(cfg, b, p), index=0,
+                                  positions_BxL=M.positions_from_mask(mask), kv_mask_BxS=mask,
+                                  last_only=True)
+    fm_last, fm_cache = M.fm_prefill(dw, tokens, mask, cfg, cache_dtype=jnp.float32)
+    np.testing.assert_allclose(fm_last, logits[:, -1], atol=tol)
+    for a, c in zip(jax.tree.leaves(cache), jax.tree.leaves(fm_cache)):
+        np.testing.assert_allclose(np.where(np.isfinite(a), a, 0), c, atol=tol)
+    # one decode step at slot 2 of the generated-token cache, rows at different positions
+    n = b * g
+    gen = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype),
+                       M.init_cache(cfg, n, t))
+    gen_mask = np.arange(t)[None] <= 2
+    step = dict(tokens_N=rng.integers(1, 64, n).astype(np.int32), cfg=cfg, prompt_cache=cache,
+                gen_cache=gen, index=2, positions_N=np.repeat(mask.sum(1), g) + 2,
+                prompt_mask_BxP=mask, gen_mask_NxT=np.repeat(gen_mask, n, 0))
+    want, want_cache = M.grouped_decode(params, **step)
+    got, got_cache = M.fm_grouped_decode(dw, **step)
+    np.testing.assert_allclose(got, want, atol=tol)
+    assert float(np.abs(np.asarray(want)).max()) > 0.1  # logits large enough to mean something
+    for a, c in zip(jax.tree.leaves(want_cache), jax.tree.leaves(got_cache)):
+        np.testing.assert_allclose(a, c, atol=tol)
+
+
+def test_decode_layout_takes_stacked_or_split_layers_and_is_a_copy():
+    cfg, params, _ = _fm_setup(FM_CONFIGS[0], 9)
+    a, b = M.decode_layout(params, cfg), M.decode_layout(M.split_layers(params), cfg)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    lp = a["layers"][1]
+    hd, h, k = cfg.hd, cfg.num_heads, cfg.num_kv_heads
+    assert lp["wqkv"].shape == ((h + 2 * k) * hd, cfg.hidden_size)
+    np.testing.assert_array_equal(lp["wqkv"][h * hd:(h + k) * hd],
+                                  params["layers"]["wk"][1].reshape(cfg.hidden_size, -1).T)
+    np.testing.assert_array_equal(lp["w_gu"][cfg.intermediate_size:],
+                                  params["layers"]["w_up"][1].T)
+    assert M.is_decode_layout(a) and not M.is_decode_layout(params)

@@ -20,9 +20,12 @@ def params():
     return M.init_params(CFG, jax.random.key(0), std=0.3)
 
 
-def test_cached_greedy_equals_argmax_of_full_forward(params):
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_cached_greedy_equals_argmax_of_full_forward(params, feature_major):
     scfg = SamplerConfig(max_new_tokens=10, temperature=0.0, prompt_bucket=8)
-    out = S.generate(params, CFG, scfg, PROMPTS, jax.random.key(1), group_size=2)
+    sampler = S.Sampler(CFG, scfg, feature_major=feature_major)
+    assert sampler.feature_major == feature_major
+    out = sampler(params, *S.pad_prompts(PROMPTS, bucket=8), jax.random.key(1), group_size=2)
     assert out.tokens.shape == (6, 10) and bool(out.mask.all())
     for r in range(6):
         seq = np.array([PROMPTS[r // 2] + list(np.asarray(out.tokens[r]))])
@@ -226,3 +229,36 @@ def test_first_argmax_is_argmax_with_ties_and_nans():
                    [0.0, jnp.nan, 5.0, jnp.nan], [2.0, 2.0, 2.0, 2.0]])
     np.testing.assert_array_equal(S.first_argmax(x), jnp.argmax(x, -1))
     np.testing.assert_array_equal(S.first_argmax(x), [1, 1, 1, 0])
+
+
+def test_feature_major_sampler_equals_row_major_and_keeps_its_layout(params):
+    """On the CPU the sampler decodes from `decode_layout(params)` by default: the same tokens
+    and log-probs as the row-major decode (top-k, top-p, stop ids, groups). The layout is made
+    once per set of weights: kept while the same arrays come back, made again for new or
+    deleted ones, never kept for numpy arrays (they can change in place)."""
+    scfg = SamplerConfig(max_new_tokens=7, temperature=0.9, top_k=30, top_p=0.95, stop_ids=(3,),
+                         prompt_bucket=4)
+    fm, row = S.Sampler(CFG, scfg), S.Sampler(CFG, scfg, feature_major=False)
+    assert fm.feature_major and not row.feature_major  # the CPU default
+    batch = S.pad_prompts(PROMPTS, bucket=4)
+    for i in range(2):
+        a, b = (s(params, *batch, jax.random.key(i), group_size=3) for s in (fm, row))
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logps, b.logps, atol=1e-5)
+        np.testing.assert_allclose(a.sample_logps, b.sample_logps, atol=1e-5)
+    assert bool((a.tokens == 3).any()) and not bool(a.mask.all())  # a stop id was drawn
+    kept = fm._kept[1]
+    fm(params, *batch, jax.random.key(5), group_size=3)
+    assert fm._kept[1] is kept  # same arrays: the layout is reused
+    other = jax.tree.map(lambda x: x * 1.5, params)
+    c = fm(other, *batch, jax.random.key(5), group_size=3)
+    assert fm._kept[1] is not kept
+    want = row(other, *batch, jax.random.key(5), group_size=3)
+    np.testing.assert_array_equal(c.tokens, want.tokens)
+    kept = fm._kept[1]
+    jax.tree.leaves(other)[0].delete()
+    again = jax.tree.map(lambda x: x * 1.5, params)  # equal values, new arrays
+    fm(again, *batch, jax.random.key(5), group_size=3)
+    assert fm._kept[1] is not kept
+    fm(jax.device_get(params), *batch, jax.random.key(5), group_size=3)
+    assert fm._kept is None

@@ -198,6 +198,11 @@ def test_rollouts_one_program_per_device_equal_single_device(sharded_report):
     are shared by the mesh's devices (one copy in memory), and stay valid without the source."""
     r = sharded_report["per_shard"]
     assert r["used"] and r["tokens_spec"] == str(P("data"))
+    # feature-major on the CPU by default where every device holds the weights; the row-major
+    # decode over the same mesh gives the same tokens
+    assert r["feature_major"] == [True, True, True, False, False]
+    assert r["row_tokens_equal"] and r["row_logps_max_abs_diff"] < 1e-5
+    assert "feature_major=True needs every weight replicated" in r["tp_error"]
     assert r["shares_weights"] and r["shared_pointers"] == 1 and r["shared_values_ok"]
     assert r["shared_devices"] == [0, 1, 2, 3]
     assert r["tokens_equal"] and r["mask_equal"]
@@ -339,6 +344,14 @@ def _report() -> dict:
     a = jax.device_get(one(st1.params, prompt, prompt_mask, k, group_size=4))
     b4 = per_shard(st1.params, prompt, prompt_mask, k, group_size=4)  # params from one device
     b4_spec, b4 = str(b4.tokens.sharding.spec), jax.device_get(b4)
+    row4 = Sampler(CFG, scfg, pad_id=tok.pad_token_id, mesh=data4, feature_major=False)
+    r4 = jax.device_get(row4(st1.params, prompt, prompt_mask, k, group_size=4))
+    try:  # weights split over a tensor axis: no feature-major decode
+        tp = S.make_mesh(MeshConfig(axes=(("data", 2), ("tensor", 2))), jax.devices()[:4])
+        Sampler(CFG, scfg, mesh=tp, feature_major=True)
+        tp_error = None
+    except ValueError as e:
+        tp_error = str(e)
     hybrid = GRPOTrainer(exp, CFG, tok, task, sample_mesh=data4)
     sh, sd = st1, jax.tree.map(jnp.copy, st1)  # each trainer donates its own
     for step in range(2, 4):
@@ -353,6 +366,10 @@ def _report() -> dict:
     churn = [jnp.full((3, 4), 7.0) + i for i in range(50)]  # would reuse freed memory
     report["per_shard"] = dict(
         used=per_shard._per_shard is not None and hybrid.sampler._per_shard is not None,
+        feature_major=(per_shard.feature_major, one.feature_major, hybrid.sampler.feature_major,
+                       row4.feature_major, Sampler(CFG, scfg, mesh=tp).feature_major),
+        row_tokens_equal=bool((a.tokens == r4.tokens).all()),
+        row_logps_max_abs_diff=diff(r4.logps, a.logps), tp_error=tp_error,
         shares_weights=per_shard._share and hybrid.sampler._share,
         shared_pointers=len({x.data.unsafe_buffer_pointer() for x in shared.addressable_shards}),
         shared_devices=sorted(d.id for d in shared.devices()), churn=len(churn),
