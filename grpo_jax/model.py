@@ -573,14 +573,15 @@ def grouped_decode(params: Params, tokens_N, cfg: ModelConfig, *, prompt_cache: 
 
 # ----------------------------------------------------------------------------- feature-major decoding
 # A decode step multiplies only N rows (N / devices per CPU device) by each weight: [32, 256] x
-# [256, 768] at the benchmark shape. XLA:CPU's matmul library packs the right-hand operand at
-# every call, which here is the weight matrix, read from L3 or memory at every step. The
-# feature-major layout turns each product around: weights [out, in] on the left, activations
-# [D, M] (features x rows) on the right, so the weights are read once in their storage order and
-# only the small activation operand is packed. The sampler uses it on the CPU, where it runs the
-# decode ~10% faster (docs/benchmarks.md, session 9), from `decode_layout(params)`: a copy of the
-# weights made once per set of weights (the sampler keeps it while the params stay the same).
-# Rows of a product are then contiguous slices, so q/k/v and gate/up are each one matmul.
+# [256, 768] at the benchmark shape, with the weight as the right-hand operand, which a GEMM
+# library repacks into its tile layout at every call. The feature-major layout turns each
+# product around: weights [out, in] on the left, activations [D, M] (features x rows) on the
+# right, so the weights are read in their storage order and the operand to repack is the small
+# activation (our reading of why it is faster: the profiles show the products, not their
+# packing). The sampler uses it on the CPU, where the decode runs ~10% faster
+# (docs/benchmarks.md, session 9), from `decode_layout(params)`: a copy of the weights made once
+# per set of weights (the sampler keeps it while the params stay the same). Rows of a product
+# are contiguous slices, so q/k/v and gate/up are each one matmul.
 
 
 def decode_layout(params: Params, cfg: ModelConfig) -> Params:
