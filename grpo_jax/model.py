@@ -187,11 +187,13 @@ def rope_cos_sin(positions_BxL: jax.Array, cfg: ModelConfig, max_pos: int | None
 def apply_rope(x_BxLxNxHd: jax.Array, rope) -> jax.Array:
     """Rotate-half RoPE (the `transformers` convention), computed in float32; `rope` is
     `rope_cos_sin(...)` of x's positions."""
-    cos, sin = rope[0][:, :, None, :], rope[1][:, :, None, :]
-    x = x_BxLxNxHd.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxLxNxHd.dtype)
+    return _rotate_half(x_BxLxNxHd, rope[0][:, :, None, :], rope[1][:, :, None, :], axis=-1)
+
+
+def _rotate_half(x: jax.Array, cos, sin, axis: int) -> jax.Array:
+    """x's two halves along `axis` (the head dim) rotated by cos/sin (broadcast against a half)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=axis)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=axis).astype(x.dtype)
 
 
 def attention(q_BxLxHxHd, k_BxKxSxHd, v_BxKxSxHd, allowed_BxLxS, *,
@@ -539,6 +541,13 @@ def grouped_attention(q_NxHxHd, pk_BxKxHdxP, pv_BxKxPxHd, gk_NxKxHdxT, gv_NxKxTx
     return out.reshape(n, h, hd)
 
 
+def _grouped_allowed(prompt_mask_BxP, gen_mask_NxT) -> jax.Array:
+    """The key mask [N, P + T] of a grouped decode step: each row's prompt slots, then its own."""
+    rep = gen_mask_NxT.shape[0] // prompt_mask_BxP.shape[0]
+    return jnp.concatenate([jnp.repeat(prompt_mask_BxP.astype(bool), rep, axis=0),
+                            gen_mask_NxT.astype(bool)], axis=1)
+
+
 def grouped_decode(params: Params, tokens_N, cfg: ModelConfig, *, prompt_cache: Cache,
                    gen_cache: Cache, index, positions_N, prompt_mask_BxP,
                    gen_mask_NxT) -> tuple[jax.Array, Cache]:
@@ -548,10 +557,8 @@ def grouped_decode(params: Params, tokens_N, cfg: ModelConfig, *, prompt_cache: 
     the rows' own (`init_cache(cfg, N, T)`): the new keys and values go to its slot `index`,
     and the queries attend over the prompt slots (`prompt_mask_BxP`) and the generated ones
     (`gen_mask_NxT`, the new slot included)."""
-    b, p = prompt_mask_BxP.shape
-    n = tokens_N.shape[0]
-    allowed = jnp.concatenate([jnp.repeat(prompt_mask_BxP.astype(bool), n // b, axis=0),
-                               gen_mask_NxT.astype(bool)], axis=1)
+    p = prompt_mask_BxP.shape[1]
+    allowed = _grouped_allowed(prompt_mask_BxP, gen_mask_NxT)
     x = embed_tokens(params, tokens_N[:, None])
     rope = rope_cos_sin(positions_N[:, None], cfg, p + gen_mask_NxT.shape[1])
     new_k, new_v = [], []
@@ -616,14 +623,6 @@ def is_decode_layout(params: Params) -> bool:
     return "head" in params
 
 
-def _fm_rope(x_XxHdxM: jax.Array, cos_HhxM, sin_HhxM) -> jax.Array:
-    """`apply_rope` on feature-major heads [X, Hd, M] (cos/sin: `rope_cos_sin` transposed)."""
-    x = x_XxHdxM.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=1)
-    c, s = cos_HhxM[None], sin_HhxM[None]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=1).astype(x_XxHdxM.dtype)
-
-
 def _fm_matmul(w_OxI: jax.Array, x_IxM: jax.Array, out_dtype=None) -> jax.Array:
     return jax.lax.dot_general(w_OxI, x_IxM, (((1,), (0,)), ((), ())),
                                preferred_element_type=out_dtype)
@@ -647,7 +646,8 @@ def _fm_layer(x_DxM, lp, cfg: ModelConfig, rope, attend):
         if cfg.qk_norm:
             q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, axis=1)
             k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, axis=1)
-        q, k = _fm_rope(q, *rope), _fm_rope(k, *rope)
+        cos, sin = rope[0][None], rope[1][None]  # [1, Hd/2, M]
+        q, k = _rotate_half(q, cos, sin, axis=1), _rotate_half(k, cos, sin, axis=1)
         o_MxHHd, extra = attend(q, k, v)
         o = _fm_matmul(lp["wo"].astype(cd), jnp.transpose(o_MxHHd))
         if cfg.attention_out_bias:
@@ -709,10 +709,8 @@ def fm_grouped_decode(dparams: Params, tokens_N, cfg: ModelConfig, *, prompt_cac
                       gen_cache: Cache, index, positions_N, prompt_mask_BxP,
                       gen_mask_NxT) -> tuple[jax.Array, Cache]:
     """`grouped_decode` from `decode_layout` weights: the same logits [N, V] and cache."""
-    b, p = prompt_mask_BxP.shape
-    n = tokens_N.shape[0]
-    allowed = jnp.concatenate([jnp.repeat(prompt_mask_BxP.astype(bool), n // b, axis=0),
-                               gen_mask_NxT.astype(bool)], axis=1)
+    p, n = prompt_mask_BxP.shape[1], tokens_N.shape[0]
+    allowed = _grouped_allowed(prompt_mask_BxP, gen_mask_NxT)
     x, rope = _fm_embed(dparams, tokens_N, positions_N, cfg, p + gen_mask_NxT.shape[1])
     cd = DTYPES[cfg.compute_dtype]
     new_k, new_v = [], []

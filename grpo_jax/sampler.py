@@ -398,10 +398,10 @@ class Sampler:
         if self.feature_major:
             split = self._decode_weights(params)
         if self.mesh is not None:
-            devices = frozenset(self.mesh.devices.flat)
             sets = {frozenset(x.devices()) if isinstance(x, jax.Array) else None
-                    for x in jax.tree.leaves(params)}
-            if split is None and sets != {devices}:  # e.g. a trainer's params on one device
+                    for x in jax.tree.leaves(params)} if split is None else None
+            if sets is not None and sets != {frozenset(self.mesh.devices.flat)}:
+                # e.g. a trainer's params on one device
                 (source,) = sets if len(sets) == 1 else (None,)
                 one_cpu = bool(source) and len(source) == 1 and next(iter(source)).platform == "cpu"
                 if self._share and one_cpu:  # each layer's weights: a view into the stack
