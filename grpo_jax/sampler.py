@@ -433,15 +433,13 @@ class Sampler:
                                                 for r, x in zip(refs, leaves)):
                 return kept
         self._kept = None  # free the old copy before making the new one
-        if self.mesh is not None:
-            first = self.mesh.devices.flat[0]
-            if any(not isinstance(x, jax.Array) or len(x.devices()) != 1 for x in leaves):
-                params = jax.device_put(params, first)
-            layout = _decode_layout(params, self.cfg)
+        on_mesh = self.mesh is not None
+        if on_mesh and any(not isinstance(x, jax.Array) or len(x.devices()) != 1 for x in leaves):
+            params = jax.device_put(params, self.mesh.devices.flat[0])  # one device's copy
+        layout = _decode_layout(params, self.cfg)
+        if on_mesh:
             rep = NamedSharding(self.mesh, PartitionSpec())
             layout = sharding.share_replicated(layout, jax.tree.map(lambda _: rep, layout))
-        else:
-            layout = _decode_layout(params, self.cfg)
         if all(isinstance(x, jax.Array) for x in leaves):  # numpy arrays may change in place
             self._kept = ([weakref.ref(x) for x in leaves], layout)
         return layout
