@@ -128,6 +128,11 @@ class SamplerConfig:
     top_p: float = 1.0
     stop_ids: tuple[int, ...] = ()
     prompt_bucket: int = 16  # prompt lengths are padded up to a multiple of this: no recompiles
+    # The decode reads its generated-token cache in up to this many growing windows (each of at
+    # least `sampler.MIN_CACHE_WINDOW` slots): step t attends over the window holding slot t,
+    # not over all max_new_tokens slots. Long completions read less memory; each window
+    # compiles one more copy of the decode step. 1 turns it off.
+    cache_windows: int = 4
 
     def __post_init__(self):
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
@@ -135,6 +140,7 @@ class SamplerConfig:
         _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.prompt_bucket >= 1, "prompt_bucket", f"must be >= 1, got {self.prompt_bucket}")
+        _check(self.cache_windows >= 1, "cache_windows", f"must be >= 1 (1 = off), got {self.cache_windows}")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
     @property

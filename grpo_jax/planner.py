@@ -14,7 +14,8 @@ What is alive when (the runner's loop, grpo_jax/trainer.py):
 - rollout: the parameters again in the decoding layout (`split_layers` copies every weight, and
   the layout is resharded without FSDP; on the CPU, `model.decode_layout`'s transposed copy,
   which the trainer's sampler drops after each rollout), the prefill's logits and one layer's
-  working set.
+  working set, and the cache window the decode works on besides the kept buffer (up to the
+  last but one of `SamplerConfig.cache_windows`' windows: `sampler.cache_windows`).
 - score: reference (and old) log-probs, one micro-batch of prompts at a time, no gradients.
 - update: the batch, the gradient accumulator + one micro-batch's gradients, the saved
   activations and the chunked logits of one micro-batch.
@@ -323,6 +324,14 @@ def plan_memory(exp: Experiment, cfg: ModelConfig, mesh_shape: dict[str, int] | 
     sdm = _Dims.of(cfg, sample_rules, mesh)
     add("sampler_params", "parameters, decoding layout", weight_bytes(cfg, mesh, sample_rules),
         "rollout", "split per layer" + ("" if mesh.get("fsdp", 1) == 1 else ", no FSDP"))
+    from grpo_jax.sampler import cache_windows
+
+    windows = cache_windows(T, exp.sampler.cache_windows)
+    if len(windows) > 1:
+        w = windows[-2]
+        add("kv_window", "KV cache window (rollout)", 2 * L * kv_rows * kv_heads * w * cfg.hd * cb,
+            "rollout", f"{len(windows)} windows; the largest copy: 2 x {L} x "
+            f"[{kv_rows}, {kv_heads}, {w}, {cfg.hd}]")
     bp = _per_device(br, "batch", sample_rules, mesh)
     add("rollout_work", "prefill working set", _prefill_bytes(cfg, sdm, bp, P, kv_heads),
         "rollout", f"logits [{bp}, {P}, {sdm.v}] f32 + one layer [{bp}, {P}] + the prompts' cache")

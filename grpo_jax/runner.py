@@ -156,15 +156,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# Fields that say how to run, not what is computed: they may change on resume.
+# Fields that say how to run, not what is computed: they may change on resume. Leaf names in
+# _RUNTIME_LEAVES are such fields wherever they sit (e.g. every stage's sampler).
 _RUNTIME_FIELDS = ("run_dir", "allow_config_change", "log.progress")
+_RUNTIME_LEAVES = ("cache_windows",)
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in _RUNTIME_FIELDS]
+            if a.get(k) != b.get(k) and k not in _RUNTIME_FIELDS
+            and k.rsplit(".", 1)[-1] not in _RUNTIME_LEAVES]
 
 
 def make_run_dir(exp: Experiment, name: str) -> Path:

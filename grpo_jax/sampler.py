@@ -211,29 +211,68 @@ def decode_step(params: Params, key, s: dict, t, *, cfg: ModelConfig, scfg: Samp
     col = lambda a, v: a.at[:, t].set(jnp.where(live, v, 0).astype(a.dtype))
     mask = col(s["mask"], True)  # also the generated slots' key mask: a live row's token t
     last, cache = s["last"], s["cache"]
-    if forward:
+    if forward:  # over the cache's slots: all of them, or a window (`decode_loop`)
+        slots = cache["v"][0].shape[-2]
         decode = fm_grouped_decode if is_decode_layout(params) else grouped_decode
         last, cache = decode(params, tok, cfg, prompt_cache=s["prompt_cache"], gen_cache=cache,
                              index=t, positions_N=s["pos"], prompt_mask_BxP=s["prompt_mask"],
-                             gen_mask_NxT=mask)
+                             gen_mask_NxT=mask[..., :slots])
     return dict(s, last=last, cache=cache, pos=s["pos"] + 1, done=done,
                 tokens=s["tokens"].at[:, t].set(tok), mask=mask,
                 logps=col(s["logps"], logp), sample_logps=col(s["sample_logps"], slogp))
 
 
-def decode_loop(step, init: dict, t_max: int) -> dict:
+# A cache window has at least this many slots: below, the saved reads do not pay for the extra
+# loop (docs/benchmarks.md, session 10).
+MIN_CACHE_WINDOW = 64
+
+
+def cache_windows(t_max: int, windows: int) -> tuple[int, ...]:
+    """The slot counts of the decode's cache windows (`SamplerConfig.cache_windows`): up to
+    `windows` equal windows of at least `MIN_CACHE_WINDOW` slots (multiples of 8), growing to
+    all t_max slots; (t_max,) for one window."""
+    k = max(1, min(windows, t_max // MIN_CACHE_WINDOW))
+    size = -(-t_max // k)  # ceil
+    size = -(-size // 8) * 8
+    return tuple(sorted({min(t_max, size * (i + 1)) for i in range(k)}))
+
+
+def _window(full: Cache, slots: int, cache: Cache | None = None) -> tuple[Cache, Cache]:
+    """(the donated generated-token buffer `full`, the cache window of its first `slots` slots)
+    with the last window `cache` first written back into `full` (in place). The window is a
+    copy: besides `full`, the decode holds one window at a time. Its slots past `cache`'s hold
+    stale values, masked as the full buffer's are."""
+    def put(f, x):
+        return f if x is None else jax.lax.dynamic_update_slice(f, x, (0,) * x.ndim)
+
+    def cut(f, axis):  # keys [..., Hd, S] (axis -1), values [..., S, Hd] (axis -2)
+        return f if f.shape[axis] == slots else jax.lax.slice_in_dim(f, 0, slots,
+                                                                      axis=f.ndim + axis)
+
+    old = cache or {"k": (None,) * len(full["k"]), "v": (None,) * len(full["v"])}
+    full = {n: tuple(put(f, x) for f, x in zip(full[n], old[n])) for n in ("k", "v")}
+    return full, {"k": tuple(cut(f, -1) for f in full["k"]),
+                  "v": tuple(cut(f, -2) for f in full["v"])}
+
+
+def decode_loop(step, init: dict, t_max: int, windows: Sequence[int] = ()) -> dict:
     """`step(s, t, forward) -> s` from `init` until t_max tokens or until every row is done. The
     loop stops one token short; the last step samples without a forward (whose logits nobody
-    would read: 1/t_max of the decode's work). If every row is done before, it writes pads."""
-    def cond(carry):
-        t, s = carry
-        return (t < t_max - 1) & ~jnp.all(s["done"])
+    would read: 1/t_max of the decode's work). If every row is done before, it writes pads.
 
+    `windows` (`cache_windows`, default one of t_max slots): one loop per window, whose steps
+    (slot t < window) carry the generated-token cache cut to the window's first slots
+    (`_window`: a copy of `init`'s donated buffer, written back before the next window)."""
     def body(carry):
         t, s = carry
         return t + 1, step(s, t, True)
 
-    t, s = jax.lax.while_loop(cond, body, (jnp.int32(0), init))
+    full, t, s = init["cache"], jnp.int32(0), init
+    for i, w in enumerate(tuple(windows) or (t_max,)):
+        full, cache = _window(full, w, s["cache"] if i else None)
+        end = min(w, t_max - 1)
+        t, s = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[1]["done"]),
+                                  body, (t, dict(s, cache=cache)))
     return step(s, t, False)
 
 
@@ -276,7 +315,8 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
     step = lambda s, t, forward: decode_step(params, key, s, t, cfg=cfg, scfg=scfg, pad_id=pad_id,
                                              offset=offset, noise=noise, forward=forward)
     with jax.named_scope("decode"):
-        s = decode_loop(step, init, scfg.max_new_tokens)
+        s = decode_loop(step, init, scfg.max_new_tokens,
+                        cache_windows(scfg.max_new_tokens, scfg.cache_windows))
     # On a mesh: the results split like the batch, the cache as it came in (so that it can be
     # donated again without a recompile).
     out = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), samples_of(s, scfg))

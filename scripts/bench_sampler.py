@@ -25,7 +25,8 @@ N rows' T - 1 decode forwards (the T-th sampled token needs no forward pass), 4 
 per token per layer for attention over its causal context only (ctx = position + 1), and
 2 * D * V of unembedding for each position whose logits are sampled from (B prefill positions,
 N * (T - 1) decode positions). `executed_flops_per_call` is what our sampler actually computes
-(the same forwards, but every query attends over all P + T cache slots), for diagnosis. The last line printed is one JSON object with all numbers.
+(the same forwards, but every query attends over all P prompt slots and, in the decode, over
+all slots of its cache window: `SamplerConfig.cache_windows`), for diagnosis. The last line printed is one JSON object with all numbers.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import numpy as np
 
 from grpo_jax import hf_io, sharding
 from grpo_jax.config import ModelConfig, SamplerConfig
-from grpo_jax.sampler import Sampler
+from grpo_jax.sampler import Sampler, cache_windows
 
 if __name__ == "__main__" and hostmem.trim_after_compiles():
     MALLOC += ", trim after compiles"
@@ -70,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     ap.add_argument("--repeats", type=int, default=5,
                     help="timing rounds: one timed call of each framework per round (median)")
+    ap.add_argument("--cache-windows", type=int, default=SamplerConfig.cache_windows,
+                    help="SamplerConfig.cache_windows (1 = attend over all T slots at every step)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--settle", type=float, default=0.1,
                     help="seconds of untimed calls (at least one) before the timed ones of each "
@@ -156,8 +159,9 @@ def _matmul_weights_per_token(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_layer  # unembedding counted separately
 
 
-def flops_per_call(cfg: ModelConfig, b: int, g: int, p: int, t: int) -> dict:
-    n, s = b * g, p + t
+def flops_per_call(cfg: ModelConfig, b: int, g: int, p: int, t: int,
+                   windows: tuple[int, ...] = ()) -> dict:
+    n = b * g
     w = _matmul_weights_per_token(cfg)
     attn_unit = 4 * cfg.num_layers * cfg.num_heads * cfg.hd  # per token per context slot
     unembed = 2 * cfg.hidden_size * cfg.vocab_size
@@ -167,9 +171,12 @@ def flops_per_call(cfg: ModelConfig, b: int, g: int, p: int, t: int) -> dict:
     decode_ctx = sum(p + 1 + j for j in range(t - 1))
     model = (2 * w * (b * p + n * (t - 1)) + attn_unit * (b * prefill_ctx + n * decode_ctx)
              + unembed * (b + n * (t - 1)))
-    # what our sampler executes: the same forwards, but every query attends over all
-    # S = P + T cache slots (masked ones included)
-    executed = (2 * w * (b * p + n * (t - 1)) + attn_unit * s * (b * p + n * (t - 1))
+    # what our sampler executes: the same forwards, but a prompt token attends over all P
+    # prompt slots, and decode step j over P + the slots of its cache window (`cache_windows`:
+    # the first window w with j < w), masked ones included
+    windows = windows or (t,)
+    decode_slots = sum(p + next(x for x in windows if j < x) for j in range(t - 1))
+    executed = (2 * w * (b * p + n * (t - 1)) + attn_unit * (b * p * p + n * decode_slots)
                 + unembed * (b + n * (t - 1)))
     return {"model": float(model), "executed": float(executed)}
 
@@ -180,7 +187,7 @@ def flops_per_call(cfg: ModelConfig, b: int, g: int, p: int, t: int) -> dict:
 def setup_jax(cfg, params, prompts: np.ndarray, a):
     """Compile and warm up the sampler; returns (call(i), info)."""
     scfg = SamplerConfig(max_new_tokens=a.new_tokens, temperature=a.temperature, top_k=a.top_k,
-                         top_p=a.top_p, stop_ids=())
+                         top_p=a.top_p, stop_ids=(), cache_windows=a.cache_windows)
     mesh = sharding.cpu_rollout_mesh()
     sampler = Sampler(cfg, scfg, pad_id=0, mesh=mesh)
     tokens = jnp.asarray(prompts, jnp.int32)
@@ -312,7 +319,8 @@ def main(argv=None) -> None:
     peak = 2.0 * a.peak_n ** 3 / med["peak"]
     print(f"[bench] float32 matmul {a.peak_n}x{a.peak_n}: {peak / 1e9:.1f} GFLOP/s "
           f"(median of {len(times['peak'][0])})")
-    fl = flops_per_call(cfg, b, g, p, t)
+    windows = cache_windows(t, a.cache_windows)
+    fl = flops_per_call(cfg, b, g, p, t, windows)
     s_call = med["jax"]
     tps = r["tokens_per_call"] / s_call
     achieved = fl["model"] / s_call
@@ -329,6 +337,7 @@ def main(argv=None) -> None:
         "params": cfg.num_params, "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
         "prompts": b, "group": g, "rows": b * g, "prompt_len": p, "new_tokens": t,
         "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "repeats": a.repeats,
+        "cache_windows": list(windows),
         "tokens_per_call": r["tokens_per_call"], "tokens_per_s": tps, "s_per_call": s_call,
         "s_per_call_all": times["jax"][0], "first_call_s": r["first_call_s"], "compile_s": compile_s,
         "model_flops_per_call": fl["model"], "executed_flops_per_call": fl["executed"],

@@ -62,6 +62,16 @@ def test_state_and_kv_cache_bytes_by_hand():
     assert plan_memory(_exp(SMALL, kl=0.0), SMALL)["ref_params"] == 0  # beta = 0: no reference
 
 
+def test_cache_windows_add_their_largest_copy_to_the_rollout():
+    exp = _exp(SMALL, new_tokens=256)  # windows of 64, 128, 192 and 256 slots
+    plan = plan_memory(exp, SMALL)
+    assert plan["kv_window"] * 256 == plan["kv_cache"] * 192  # the decode's copy, besides it
+    assert any(i.key == "kv_window" and i.phase == "rollout" for i in plan.items)
+    one = dataclasses.replace(exp, sampler=dataclasses.replace(exp.sampler, cache_windows=1))
+    assert plan_memory(one, SMALL)["kv_window"] == 0
+    assert plan_memory(_exp(SMALL), SMALL)["kv_window"] == 0  # 12 slots: one window
+
+
 def test_micro_batches_shrink_only_the_update():
     one, four = (plan_memory(_exp(SMALL, prompts=8, micro=k), SMALL) for k in (1, 4))
     for key in ("params", "opt_state", "kv_cache", "grads"):

@@ -256,6 +256,18 @@ def test_resuming_with_another_config_lists_the_differences(tmp_path):
     assert "--allow-config-change True" in msg
 
 
+def test_how_to_run_fields_may_change_on_resume():
+    """A run made before `SamplerConfig.cache_windows` existed (or with another value, in any
+    stage's sampler) resumes: the windows change how the decode runs, not what it samples."""
+    from grpo_jax.runner import config_diff
+
+    old = {"sampler": {"temperature": 1.0}, "log": {"progress": True},
+           "stages": {"rl": {"sampler": {"cache_windows": 4}}}}
+    new = {"sampler": {"temperature": 0.9, "cache_windows": 4}, "log": {"progress": False},
+           "stages": {"rl": {"sampler": {"cache_windows": 1}}}}
+    assert config_diff(old, new) == ["sampler.temperature: 1.0 -> 0.9"]
+
+
 def test_a_checkpoint_from_another_model_is_refused(tmp_path):
     exp = _exp(tmp_path, steps=2, pretrain=None, checkpoint=CheckpointConfig(every=1),
                eval=EvalConfig(samples=1, batch_prompts=8))

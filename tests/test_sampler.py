@@ -262,3 +262,50 @@ def test_feature_major_sampler_equals_row_major_and_keeps_its_layout(params):
     assert fm._kept[1] is not kept
     fm(jax.device_get(params), *batch, jax.random.key(5), group_size=3)
     assert fm._kept is None
+
+
+def test_cache_windows_split_the_generated_slots():
+    assert S.cache_windows(32, 4) == (32,)  # below two windows of MIN_CACHE_WINDOW: one
+    assert S.cache_windows(256, 4) == (64, 128, 192, 256)
+    assert S.cache_windows(200, 4) == (72, 144, 200)  # multiples of 8, the last cut to t_max
+    assert S.cache_windows(1000, 4) == (256, 512, 768, 1000)
+    assert S.cache_windows(128, 4) == (64, 128)  # no window below MIN_CACHE_WINDOW slots
+    assert S.cache_windows(1000, 1) == (1000,)
+    with pytest.raises(ValueError, match="cache_windows"):
+        SamplerConfig(cache_windows=0)
+
+
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_windowed_decode_equals_one_window(params, feature_major, monkeypatch):
+    """Attending over growing windows of the generated-token cache (here 8, 16 and 19 slots)
+    samples what attending over all slots samples: the same tokens, log-probs equal up to
+    rounding, with stop ids; the donated buffer comes back whole and is reused."""
+    monkeypatch.setattr(S, "MIN_CACHE_WINDOW", 2)
+    kw = dict(max_new_tokens=19, temperature=0.9, top_k=30, top_p=0.95, stop_ids=(3,),
+              prompt_bucket=4)
+    assert S.cache_windows(19, 3) == (8, 16, 19)
+    one = S.Sampler(CFG, SamplerConfig(**kw, cache_windows=1), feature_major=feature_major)
+    win = S.Sampler(CFG, SamplerConfig(**kw, cache_windows=3), feature_major=feature_major)
+    batch = S.pad_prompts(PROMPTS, bucket=4)
+    sizes = []
+    for i in range(2):
+        a, b = (s(params, *batch, jax.random.key(i), group_size=3) for s in (win, one))
+        sizes.append(win.cache_size())
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_allclose(a.logps, b.logps, atol=1e-5)
+        np.testing.assert_allclose(a.sample_logps, b.sample_logps, atol=1e-5)
+        assert jax.tree.map(lambda x: x.shape, win._cache) == jax.tree.map(
+            lambda x: x.shape, S.init_cache(CFG, 9, 19))
+    lengths = np.asarray(a.lengths)
+    assert (lengths > 16).any() and (lengths < 19).any()  # rows live into the last window; stops
+    assert sizes[1] == sizes[0]  # no recompile
+    greedy = dict(kw, temperature=0.0, stop_ids=())
+    a, b = (S.Sampler(CFG, SamplerConfig(**greedy, cache_windows=w), feature_major=feature_major)(
+        params, *batch, jax.random.key(0)) for w in (3, 1))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logps, b.logps, atol=1e-5)
+    every = dict(kw, stop_ids=tuple(range(CFG.vocab_size)))  # all rows done at once: early exit
+    out = S.Sampler(CFG, SamplerConfig(**every, cache_windows=3), feature_major=feature_major)(
+        params, *batch, jax.random.key(0))
+    np.testing.assert_array_equal(out.lengths, 1)

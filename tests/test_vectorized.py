@@ -170,18 +170,24 @@ def test_a_traced_beta_is_the_static_one():
         jax.vmap(lambda b: loss(logps, b, None))(jnp.float32([0.0, 0.04]))
 
 
-def test_the_runs_rollout_is_each_runs_sampler_rollout():
+@pytest.mark.parametrize("windows", [1, 3])
+def test_the_runs_rollout_is_each_runs_sampler_rollout(windows, monkeypatch):
     """`generate_runs` samples what `Sampler` samples for each run alone, also for a run whose
     prompts are left-padded beyond its own bucket (to the group's longest): same tokens,
-    log-probs equal up to rounding."""
+    log-probs equal up to rounding; also when the runs decode in cache windows (8, 16, 19
+    slots) and each run alone over all its slots."""
     import jax
     import jax.numpy as jnp
 
     from grpo_jax import model as M
+    from grpo_jax import sampler as S
     from grpo_jax.sampler import Sampler, pad_prompts
     from grpo_jax.vectorized import generate_runs
 
-    scfg = SamplerConfig(max_new_tokens=8, temperature=1.0, stop_ids=tuple(range(3, 23)))
+    monkeypatch.setattr(S, "MIN_CACHE_WINDOW", 2)
+    t = 8 if windows == 1 else 19
+    scfg = SamplerConfig(max_new_tokens=t, temperature=1.0, stop_ids=tuple(range(3, 23)),
+                         cache_windows=1)
     params = [M.init_params(TINY, jax.random.key(i), std=0.3) for i in range(2)]
     keys = [jax.random.key(10 + i) for i in range(2)]
     prompts = [[[5, 6, 7, 8, 9] * 2, [10, 11, 12]], [[13] * 20, [14, 15]]]  # buckets 16 and 32
@@ -189,8 +195,10 @@ def test_the_runs_rollout_is_each_runs_sampler_rollout():
              for p, q, k in zip(params, prompts, keys)]
     padded = [pad_prompts(q, bucket=16, min_len=20) for q in prompts]
     stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)
-    cache = stack([M.init_cache(TINY, 6, 8)] * 2)  # the generated tokens' slots
-    together, _ = jax.jit(lambda *a: generate_runs(*a, cfg=TINY, scfg=scfg, group_size=3, pad_id=0))(
+    cache = stack([M.init_cache(TINY, 6, t)] * 2)  # the generated tokens' slots
+    runs_scfg = dataclasses.replace(scfg, cache_windows=windows)
+    together, _ = jax.jit(lambda *a: generate_runs(*a, cfg=TINY, scfg=runs_scfg, group_size=3,
+                                                   pad_id=0))(
         jax.vmap(M.split_layers)(stack(params)), cache, np.stack([t for t, _ in padded]),
         np.stack([m for _, m in padded]), jnp.stack(keys))
     together = jax.device_get(together)
@@ -200,4 +208,5 @@ def test_the_runs_rollout_is_each_runs_sampler_rollout():
         np.testing.assert_allclose(together.logps[r], out.logps, atol=1e-5)
         np.testing.assert_allclose(together.sample_logps[r], out.sample_logps, atol=1e-5)
     lengths = np.concatenate([out.lengths for out in alone])
-    assert (lengths < 8).any() and (lengths > 1).any()  # rows stop at different steps
+    assert (lengths < t).any() and (lengths > 1).any()  # rows stop at different steps
+    assert windows == 1 or lengths.max() > 16  # a row decodes into the last window
