@@ -130,9 +130,13 @@ def sample_completions(params, cfg: ModelConfig, tok, examples: list[Example], *
     if not examples:
         raise ValueError("no examples to sample")
     stop = (tok.eos_token_id,)
-    samplers = [Sampler(cfg, SamplerConfig(max_new_tokens=max_new_tokens, temperature=d.temperature,
-                                           top_p=d.top_p, stop_ids=stop, prompt_bucket=bucket),
-                        pad_id=tok.pad_token_id, mesh=mesh) for d in decodings]
+    samplers: list[Sampler] = []
+    for d in decodings:  # one decoding copy of the weights for all (`weights_from`)
+        samplers.append(Sampler(cfg, SamplerConfig(max_new_tokens=max_new_tokens,
+                                                   temperature=d.temperature, top_p=d.top_p,
+                                                   stop_ids=stop, prompt_bucket=bucket),
+                                pad_id=tok.pad_token_id, mesh=mesh,
+                                weights_from=samplers[0] if samplers else None))
     texts = [format_prompt(ex, template, tok) for ex in examples]
     ids = prompt_ids(tok, texts, examples, max_prompt_tokens, long_prompts)
     longest = max(len(i) for i in ids)

@@ -375,16 +375,19 @@ class Sampler:
     `feature_major` (default: on the CPU, when every device holds all the weights) samples from
     `model.decode_layout(params)`, made once per set of weights and kept while the same params
     come back (`fm_prefill`, `fm_grouped_decode`: the same tokens, log-probs within float
-    rounding).
+    rounding). `weights_from=other` shares `other`'s kept copy (samplers of the same model and
+    mesh under other settings, e.g. an evaluation's k-samples and greedy ones): one copy, made
+    once.
     """
 
     def __init__(self, cfg: ModelConfig, scfg: SamplerConfig, *, pad_id: int = 0,
                  cache_dtype: str | None = None, mesh=None, rules: Rules = sharding.SAMPLE_RULES,
-                 feature_major: bool | None = None):
+                 feature_major: bool | None = None, weights_from: Sampler | None = None):
         self.cfg, self.scfg, self.pad_id, self.cache_dtype = cfg, scfg, pad_id, cache_dtype
         self.mesh, self.rules = mesh, rules
         self._cache: Cache | None = None
-        self._kept: tuple[list, Params] | None = None  # (weakrefs to params' leaves, their layout)
+        # [(weakrefs to the params' leaves, their layout) or None], shared with `weights_from`
+        self._held: list = [None]
         fn, self._split, self.shards, per_shard, self._share = _generate, _split, 1, None, False
         static = ("cfg", "scfg", "group_size", "pad_id")
         if mesh is not None:
@@ -407,6 +410,14 @@ class Sampler:
                              "without weight sharding, e.g. sharding.SAMPLE_RULES with a data-only "
                              "mesh); pass feature_major=None or False")
         self.feature_major = feature_major
+        if weights_from is not None:
+            same = (weights_from.cfg, weights_from.mesh, weights_from.rules,
+                    weights_from.feature_major) == (cfg, mesh, rules, feature_major)
+            if not same:
+                raise ValueError("weights_from: that sampler decodes another model config, mesh, "
+                                 "rules or layout; it can share its weights only with a sampler "
+                                 "of the same ones")
+            self._held = weights_from._held
         # The cache is donated: XLA writes into the same buffer, which we get back and keep.
         self._fn = jax.jit(fn, static_argnames=static, donate_argnames=("cache",))
         self._per_shard = per_shard and jax.jit(per_shard, static_argnames=static,
@@ -461,6 +472,14 @@ class Sampler:
         out, self._cache = fn(split, cache, tokens_BxP, mask_BxP, key,
                               cfg=self.cfg, scfg=self.scfg, group_size=group_size, pad_id=self.pad_id)
         return out
+
+    @property
+    def _kept(self) -> tuple[list, Params] | None:
+        return self._held[0]
+
+    @_kept.setter
+    def _kept(self, value) -> None:
+        self._held[0] = value
 
     def _decode_weights(self, params: Params) -> Params:
         """`decode_layout(params)` (on a mesh: every device's copy a view of one buffer), made

@@ -309,3 +309,23 @@ def test_windowed_decode_equals_one_window(params, feature_major, monkeypatch):
     out = S.Sampler(CFG, SamplerConfig(**every, cache_windows=3), feature_major=feature_major)(
         params, *batch, jax.random.key(0))
     np.testing.assert_array_equal(out.lengths, 1)
+
+
+def test_samplers_share_one_decoding_copy_of_the_weights(params):
+    """`weights_from`: a sampler under other settings (here greedy, as an evaluation's second
+    one) decodes from the first one's kept layout, made once, with the tokens of its own."""
+    first = S.Sampler(CFG, SamplerConfig(max_new_tokens=5, temperature=1.0, prompt_bucket=4))
+    greedy_cfg = SamplerConfig(max_new_tokens=6, temperature=0.0, prompt_bucket=4)
+    greedy = S.Sampler(CFG, greedy_cfg, weights_from=first)
+    batch = S.pad_prompts(PROMPTS, bucket=4)
+    first(params, *batch, jax.random.key(0), group_size=2)
+    kept = first._kept[1]
+    out = greedy(params, *batch, jax.random.key(0))
+    assert greedy._kept[1] is kept and first._kept[1] is kept  # no second copy
+    alone = S.Sampler(CFG, greedy_cfg)(params, *batch, jax.random.key(0))
+    np.testing.assert_array_equal(out.tokens, alone.tokens)
+    other = jax.tree.map(lambda x: x * 1.5, params)
+    greedy(other, *batch, jax.random.key(0))  # new weights: one new copy, for both
+    assert first._kept[1] is greedy._kept[1] is not kept
+    with pytest.raises(ValueError, match="weights_from"):
+        S.Sampler(CFG, greedy_cfg, weights_from=first, feature_major=False)
