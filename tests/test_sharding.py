@@ -5,6 +5,7 @@ device; they run in a subprocess (this file as a script) with 8 fake CPU devices
 data 2 x fsdp 2 x tensor 2, and report their differences as JSON.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -203,6 +204,9 @@ def test_rollouts_one_program_per_device_equal_single_device(sharded_report):
     assert r["feature_major"] == [True, True, True, False, False]
     assert r["row_tokens_equal"] and r["row_logps_max_abs_diff"] < 1e-5
     assert "feature_major=True needs every weight replicated" in r["tp_error"]
+    # the tensor-parallel decode in cache windows: the same tokens
+    assert r["tp_windows"] == [8, 12] and r["tp_windows_tokens_equal"]
+    assert r["tp_windows_logps_max_abs_diff"] < 1e-5
     assert r["shares_weights"] and r["shared_pointers"] == 1 and r["shared_values_ok"]
     assert r["shared_devices"] == [0, 1, 2, 3]
     assert r["tokens_equal"] and r["mask_equal"]
@@ -352,6 +356,15 @@ def _report() -> dict:
         tp_error = None
     except ValueError as e:
         tp_error = str(e)
+    # The tensor-parallel decode in cache windows of 8 and 12 slots (one GSPMD program).
+    import grpo_jax.sampler as sampler_module
+
+    sampler_module.MIN_CACHE_WINDOW = 2
+    win_cfg = dataclasses.replace(scfg, cache_windows=3)
+    windows = sampler_module.cache_windows(12, 3)
+    w = jax.device_get(Sampler(CFG, win_cfg, pad_id=tok.pad_token_id, mesh=tp)(
+        st1.params, prompt, prompt_mask, k, group_size=4))
+    sampler_module.MIN_CACHE_WINDOW = 64
     hybrid = GRPOTrainer(exp, CFG, tok, task, sample_mesh=data4)
     sh, sd = st1, jax.tree.map(jnp.copy, st1)  # each trainer donates its own
     for step in range(2, 4):
@@ -370,6 +383,8 @@ def _report() -> dict:
                        row4.feature_major, Sampler(CFG, scfg, mesh=tp).feature_major),
         row_tokens_equal=bool((a.tokens == r4.tokens).all()),
         row_logps_max_abs_diff=diff(r4.logps, a.logps), tp_error=tp_error,
+        tp_windows=list(windows), tp_windows_tokens_equal=bool((w.tokens == a.tokens).all()),
+        tp_windows_logps_max_abs_diff=diff(w.logps, a.logps),
         shares_weights=per_shard._share and hybrid.sampler._share,
         shared_pointers=len({x.data.unsafe_buffer_pointer() for x in shared.addressable_shards}),
         shared_devices=sorted(d.id for d in shared.devices()), churn=len(churn),
