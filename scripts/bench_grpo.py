@@ -56,6 +56,7 @@ import time
 
 # Only light imports at module level: bench_trl_grpo.py imports this module for the workload
 # and must not load jax (it would count in TRL's peak memory).
+from grpo_jax.config import SamplerConfig
 from grpo_jax.rewards import get_reward
 from grpo_jax.tasks import TASKS, Example, register_task, stable_id
 
@@ -85,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_workload_args(ap)
+    ap.add_argument("--cache-windows", type=int, default=SamplerConfig.cache_windows,
+                    help="SamplerConfig.cache_windows of the rollout (1 = all T slots every step)")
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="gradient accumulation inside the one update of all B x G completions "
                          "(the same gradient; smaller temporaries)")
@@ -270,7 +273,8 @@ def build(a: argparse.Namespace):
                           remat=False),
         # stop id -1 never occurs: no stop, every row generates T tokens. () = the tokenizer's EOS.
         sampler=SamplerConfig(max_new_tokens=a.new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                              stop_ids=(-1,) if a.stop == "none" else (), prompt_bucket=a.prompt_len),
+                              stop_ids=(-1,) if a.stop == "none" else (), prompt_bucket=a.prompt_len,
+                              cache_windows=a.cache_windows),
         grpo=GRPOConfig(group_size=a.group, mu=1, minibatches=1, eps_low=EPS_CLIP, eps_high=EPS_CLIP,
                         kl_coef=a.beta, kl_estimator="k3", adv_norm="group_std",
                         aggregation="seq_mean_token_mean", zero_std="keep"),
@@ -385,7 +389,8 @@ def main(argv=None) -> None:
         "bench": "grpo_step", "impl": "grpo_jax", "model_dir": str(a.model_dir), "arch": cfg.arch,
         "params": cfg.num_params, "dtype": "float32", "remat": cfg.remat,
         "steps": a.steps, "warmup": a.warmup, "prompts": b, "group": g, "completions": n,
-        "prompt_len": p, "new_tokens": t, "stop": a.stop, "stop_ids": list(trainer.stop_ids),
+        "prompt_len": p, "new_tokens": t, "cache_windows": a.cache_windows, "stop": a.stop,
+        "stop_ids": list(trainer.stop_ids),
         "temperature": 1.0, "beta": a.beta, "kl_estimator": "k3", "mu": 1, "lr": a.lr,
         "micro_batches": a.micro_batches,
         "rewards": dict(REWARD_WEIGHTS),
