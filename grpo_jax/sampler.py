@@ -8,7 +8,9 @@ independently, with its generated tokens' keys and values in its own cache slots
 
 That generated-token cache ([N, ...], T slots) is a preallocated buffer donated to the program
 and handed back, so a `Sampler` reuses the same memory call after call; stale slots are never
-read because the key mask only admits the slots written in this call.
+read because the key mask only admits the slots written in this call. Long decodes attend over
+it in growing windows (`SamplerConfig.cache_windows`, `decode_loop`): step t reads only the
+first slots up to its window's end, not all T.
 
 On a mesh (`Sampler(..., mesh=mesh)`) the sampler uses the decoding layout (`SAMPLE_RULES`): the
 weights are resharded for the rollout (tensor-parallel, no FSDP), and the batch and the KV cache
