@@ -7,8 +7,8 @@ b*G .. b*G+G-1 belong to prompt b; `model.grouped_decode`); each row then sample
 independently, with its generated tokens' keys and values in its own cache slots.
 
 That generated-token cache ([N, ...], T slots) is a preallocated buffer donated to the program
-and handed back, so a `Sampler` reuses the same memory call after call; stale slots are never
-read because the key mask only admits the slots written in this call. Long decodes attend over
+and handed back, so a `Sampler` reuses the same memory call after call; stale slots never count,
+because the key mask only admits the slots written in this call. Long decodes attend over
 it in growing windows (`SamplerConfig.cache_windows`, `decode_loop`): step t reads only the
 first slots up to its window's end, not all T.
 
