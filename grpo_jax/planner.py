@@ -317,7 +317,8 @@ def plan_memory(exp: Experiment, cfg: ModelConfig, mesh_shape: dict[str, int] | 
     kv_heads = _per_device(cfg.num_kv_heads, "act_kv_heads", sample_rules, mesh)
     # The sampler keeps the generated tokens' cache ([rows, T] slots); each prompt's keys and
     # values are held once per group during the rollout (`model.grouped_decode`).
-    add("kv_cache", "KV cache (rollout, kept)", 2 * L * kv_rows * kv_heads * T * cfg.hd * cb,
+    kv_bytes = lambda rows, slots: 2 * L * rows * kv_heads * slots * cfg.hd * cb  # keys + values
+    add("kv_cache", "KV cache (rollout, kept)", kv_bytes(kv_rows, T),
         "resident", f"2 x {L} x [{kv_rows}, {kv_heads}, {T}, {cfg.hd}] {cfg.compute_dtype}")
 
     # --- rollout: the decoding copy of the weights, the prefill, the decode step
@@ -329,7 +330,7 @@ def plan_memory(exp: Experiment, cfg: ModelConfig, mesh_shape: dict[str, int] | 
     windows = cache_windows(T, exp.sampler.cache_windows)
     if len(windows) > 1:
         w = windows[-2]
-        add("kv_window", "KV cache window (rollout)", 2 * L * kv_rows * kv_heads * w * cfg.hd * cb,
+        add("kv_window", "KV cache window (rollout)", kv_bytes(kv_rows, w),
             "rollout", f"{len(windows)} windows; the largest copy: 2 x {L} x "
             f"[{kv_rows}, {kv_heads}, {w}, {cfg.hd}]")
     bp = _per_device(br, "batch", sample_rules, mesh)
@@ -381,7 +382,7 @@ def plan_memory(exp: Experiment, cfg: ModelConfig, mesh_shape: dict[str, int] | 
     rows_e = _per_device(be * exp.eval.samples, "batch", sample_rules, mesh) + \
         _per_device(be, "batch", sample_rules, mesh)
     add("eval_kv_cache", "eval KV caches (k samples + greedy)",
-        2 * L * rows_e * kv_heads * T * cfg.hd * cb, "eval",
+        kv_bytes(rows_e, T), "eval",
         f"2 x {L} x [{rows_e}, {kv_heads}, {T}, {cfg.hd}] {cfg.compute_dtype}")
     be_dev = _per_device(be, "batch", sample_rules, mesh)
     add("eval_work", "eval parameters copy + prefill", weight_bytes(cfg, mesh, sample_rules)

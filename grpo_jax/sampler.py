@@ -257,20 +257,22 @@ def _window(full: Cache, slots: int, cache: Cache | None = None) -> tuple[Cache,
                   "v": tuple(cut(f, -2) for f in full["v"])}
 
 
-def decode_loop(step, init: dict, t_max: int, windows: Sequence[int] = ()) -> dict:
-    """`step(s, t, forward) -> s` from `init` until t_max tokens or until every row is done. The
-    loop stops one token short; the last step samples without a forward (whose logits nobody
-    would read: 1/t_max of the decode's work). If every row is done before, it writes pads.
+def decode_loop(step, init: dict, scfg: SamplerConfig) -> dict:
+    """`step(s, t, forward) -> s` from `init` until t_max = `scfg.max_new_tokens` tokens or until
+    every row is done. The loop stops one token short; the last step samples without a forward
+    (whose logits nobody would read: 1/t_max of the decode's work). If every row is done before,
+    it writes pads.
 
-    `windows` (`cache_windows`, default one of t_max slots): one loop per window, whose steps
-    (slot t < window) carry the generated-token cache cut to the window's first slots
-    (`_window`: a copy of `init`'s donated buffer, written back before the next window)."""
+    One loop per cache window (`cache_windows(t_max, scfg.cache_windows)`), whose steps (slot
+    t < window) carry the generated-token cache cut to the window's first slots (`_window`: a
+    copy of `init`'s donated buffer, written back before the next window)."""
     def body(carry):
         t, s = carry
         return t + 1, step(s, t, True)
 
+    t_max = scfg.max_new_tokens
     full, t, s = init["cache"], jnp.int32(0), init
-    for i, w in enumerate(tuple(windows) or (t_max,)):
+    for i, w in enumerate(cache_windows(t_max, scfg.cache_windows)):
         full, cache = _window(full, w, s["cache"] if i else None)
         end = min(w, t_max - 1)
         t, s = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[1]["done"]),
@@ -317,8 +319,7 @@ def _generate(params: Params, cache: Cache, tokens_BxP, mask_BxP, key, *, cfg: M
     step = lambda s, t, forward: decode_step(params, key, s, t, cfg=cfg, scfg=scfg, pad_id=pad_id,
                                              offset=offset, noise=noise, forward=forward)
     with jax.named_scope("decode"):
-        s = decode_loop(step, init, scfg.max_new_tokens,
-                        cache_windows(scfg.max_new_tokens, scfg.cache_windows))
+        s = decode_loop(step, init, scfg)
     # On a mesh: the results split like the batch, the cache as it came in (so that it can be
     # donated again without a recompile).
     out = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), samples_of(s, scfg))

@@ -72,8 +72,8 @@ import numpy as np
 from grpo_jax import model
 from grpo_jax.config import Experiment, ModelConfig
 from grpo_jax.optim import lr_schedule, make_optimizer
-from grpo_jax.sampler import (Samples, cache_windows, decode_loop, decode_step, pad_prompts,
-                              prefill_state, samples_of, untie_for_decode)
+from grpo_jax.sampler import (Samples, decode_loop, decode_step, pad_prompts, prefill_state,
+                              samples_of, untie_for_decode)
 from grpo_jax.tasks.templates import format_prompt
 from grpo_jax.trainer import GRPOTrainer, TrainState, host_batch, prompt_ids
 
@@ -118,8 +118,7 @@ def generate_runs(params, cache, tokens_RxBxP, mask_RxBxP, keys_R, *, cfg: Model
     with jax.named_scope("prefill"):
         init = jax.vmap(prefill)(params, cache, tokens_RxBxP, mask_RxBxP)
     with jax.named_scope("decode"):
-        s = decode_loop(step, init, scfg.max_new_tokens,
-                        cache_windows(scfg.max_new_tokens, scfg.cache_windows))
+        s = decode_loop(step, init, scfg)
     return samples_of(s, scfg), s["cache"]
 
 
