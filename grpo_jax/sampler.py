@@ -244,15 +244,13 @@ def _window(full: Cache, slots: int, cache: Cache | None = None) -> tuple[Cache,
     with the last window `cache` first written back into `full` (in place). The window is a
     copy: besides `full`, the decode holds one window at a time. Its slots past `cache`'s hold
     stale values, masked as the full buffer's are."""
-    def put(f, x):
-        return f if x is None else jax.lax.dynamic_update_slice(f, x, (0,) * x.ndim)
-
     def cut(f, axis):  # keys [..., Hd, S] (axis -1), values [..., S, Hd] (axis -2)
         return f if f.shape[axis] == slots else jax.lax.slice_in_dim(f, 0, slots,
                                                                       axis=f.ndim + axis)
 
-    old = cache or {"k": (None,) * len(full["k"]), "v": (None,) * len(full["v"])}
-    full = {n: tuple(put(f, x) for f, x in zip(full[n], old[n])) for n in ("k", "v")}
+    if cache is not None:
+        full = {n: tuple(jax.lax.dynamic_update_slice(f, x, (0,) * x.ndim)
+                         for f, x in zip(full[n], cache[n])) for n in ("k", "v")}
     return full, {"k": tuple(cut(f, -1) for f in full["k"]),
                   "v": tuple(cut(f, -2) for f in full["v"])}
 
