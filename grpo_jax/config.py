@@ -28,21 +28,41 @@ def _check_choice(value, field: str, allowed) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind="llama3"` is Llama 3.1's NTK-by-parts rule; "linear" divides
-    every frequency by `factor`."""
+    """RoPE frequency scaling, as `transformers` computes it.
 
-    kind: Literal["llama3", "linear"] = "llama3"
+    - "llama3": Llama 3.1's NTK-by-parts rule (`low_freq_factor`, `high_freq_factor`).
+    - "linear": every frequency divided by `factor`.
+    - "yarn": YaRN (Qwen2.5 / Qwen3 long context): frequencies interpolated between `factor`-scaled
+      and unscaled by a linear ramp over the dimensions set by `beta_fast` / `beta_slow`, and cos /
+      sin multiplied by `attention_factor` (None: 0.1 ln(factor) + 1, or the `mscale` /
+      `mscale_all_dim` ratio when both are given).
+    """
+
+    kind: Literal["llama3", "linear", "yarn"] = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
     def __post_init__(self):
-        _check_choice(self.kind, "rope_scaling.kind", ("llama3", "linear"))
+        _check_choice(self.kind, "rope_scaling.kind", ("llama3", "linear", "yarn"))
         _check(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
         if self.kind == "llama3":
             _check(self.high_freq_factor > self.low_freq_factor, "rope_scaling.high_freq_factor",
                    f"must exceed low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}")
+        if self.kind == "yarn":
+            _check(self.beta_fast > self.beta_slow, "rope_scaling.beta_fast",
+                   f"must exceed beta_slow ({self.beta_slow}), got {self.beta_fast}")
+            _check(self.attention_factor is None or self.attention_factor > 0,
+                   "rope_scaling.attention_factor", f"must be > 0 or None, got {self.attention_factor}")
+        _check(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings",
+               f"must be > 0, got {self.original_max_position_embeddings}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -63,10 +63,21 @@ def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
     kind = sc.get("rope_type", sc.get("type", "default")) if sc else "default"
     if kind == "default":
         return theta, None
-    if kind not in ("llama3", "linear"):
-        raise CheckpointError(f"rope type {kind!r} is not supported; supported: default, llama3, linear")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return theta, RopeScaling(kind=kind, **{k: sc[k] for k in keys if k in sc})
+    if kind not in ("llama3", "linear", "yarn"):
+        raise CheckpointError(f"rope type {kind!r} is not supported; supported: default, llama3, "
+                              "linear, yarn")
+    # as `transformers`: a top-level original_max_position_embeddings wins, then the scaling's
+    # own, then max_position_embeddings
+    kw = {k: sc[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast",
+                             "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+          if sc.get(k) is not None}
+    old = hf.get("original_max_position_embeddings") or sc.get("original_max_position_embeddings")
+    old = old or hf.get("max_position_embeddings")
+    if old is not None:
+        kw["original_max_position_embeddings"] = int(old)
+    if kind == "yarn" and "factor" not in kw:  # implicit: the context's growth
+        kw["factor"] = hf.get("max_position_embeddings", old) / old
+    return theta, RopeScaling(kind=kind, **kw)
 
 
 def config_from_hf(hf: dict, *, param_dtype: str | None = None,
@@ -124,7 +135,12 @@ def config_to_hf(cfg: ModelConfig):
         kw["rope_scaling"] = {"rope_type": sc.kind, "factor": sc.factor} | (
             {"low_freq_factor": sc.low_freq_factor, "high_freq_factor": sc.high_freq_factor,
              "original_max_position_embeddings": sc.original_max_position_embeddings}
-            if sc.kind == "llama3" else {})
+            if sc.kind == "llama3" else {}) | (
+            {"original_max_position_embeddings": sc.original_max_position_embeddings,
+             "beta_fast": sc.beta_fast, "beta_slow": sc.beta_slow, "truncate": sc.truncate}
+            | {k: getattr(sc, k) for k in ("attention_factor", "mscale", "mscale_all_dim")
+               if getattr(sc, k) is not None}
+            if sc.kind == "yarn" else {})
     if cfg.arch != "qwen2":
         kw["attention_bias"] = cfg.attention_bias
     return transformers.AutoConfig.for_model(cfg.arch, **kw)

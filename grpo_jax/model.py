@@ -146,7 +146,7 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, axis: int = -1) -> jax.Arra
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [Hd/2], with Llama 3 / linear scaling as in `transformers`."""
+    """Inverse RoPE frequencies [Hd/2], with Llama 3 / linear / YaRN scaling as in `transformers`."""
     hd = cfg.hd
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     sc = cfg.rope_scaling
@@ -154,6 +154,8 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         return inv.astype(np.float32)
     if sc.kind == "linear":
         return (inv / sc.factor).astype(np.float32)
+    if sc.kind == "yarn":
+        return _yarn_inv_freq(inv, hd, cfg.rope_theta, sc)
     # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
     old = sc.original_max_position_embeddings
     low_wavelen, high_wavelen = old / sc.low_freq_factor, old / sc.high_freq_factor
@@ -165,6 +167,38 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def _yarn_inv_freq(inv: np.ndarray, hd: int, theta: float, sc) -> np.ndarray:
+    """YaRN (arXiv:2309.00071) as in `transformers`: the dimensions that rotate more than
+    `beta_fast` times over the original context keep their frequency, those below `beta_slow`
+    rotations are divided by `factor`, and a linear ramp blends the two in between."""
+    def dim_of(rotations):  # the dimension that rotates `rotations` times over the context
+        return hd * math.log(sc.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = dim_of(sc.beta_fast), dim_of(sc.beta_slow)
+    if sc.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    if low == high:
+        high += 0.001  # as `transformers`: no division by zero
+    ramp = np.clip((np.arange(hd // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    return (inv / sc.factor * (1 - keep) + inv * keep).astype(np.float32)
+
+
+def rope_attention_scale(cfg: ModelConfig) -> float:
+    """The factor on RoPE's cos and sin (YaRN's attention factor; 1 otherwise)."""
+    sc = cfg.rope_scaling
+    if sc is None or sc.kind != "yarn":
+        return 1.0
+    if sc.attention_factor is not None:
+        return float(sc.attention_factor)
+    mscale = lambda m=1.0: 1.0 if sc.factor <= 1 else 0.1 * m * math.log(sc.factor) + 1.0
+    if sc.mscale and sc.mscale_all_dim:
+        return mscale(sc.mscale) / mscale(sc.mscale_all_dim)
+    return mscale()
+
+
 def rope_cos_sin(positions_BxL: jax.Array, cfg: ModelConfig, max_pos: int | None = None):
     """RoPE's cos and sin [B, L, Hd/2] (float32) at `positions`, once per forward for all layers.
 
@@ -173,13 +207,16 @@ def rope_cos_sin(positions_BxL: jax.Array, cfg: ModelConfig, max_pos: int | None
     fuses cos and sin into every consumer and evaluates them per element of q and k (8x for q:
     4 heads x 2 halves): measured 4.0 -> 1.7 ms for the projection + RoPE + transpose of
     [64, 32, 4, 64] queries, 9.7 -> 5.9 ms with their gradient. The table holds the same values
-    (the float32 angle, as `transformers` computes it, then cos / sin); indices are clipped."""
-    inv = rope_inv_freq(cfg)
+    (the float32 angle, as `transformers` computes it, then cos / sin, times YaRN's attention
+    factor `rope_attention_scale`); indices are clipped."""
+    inv, scale = rope_inv_freq(cfg), np.float32(rope_attention_scale(cfg))
     if max_pos is None:
         freqs = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv)
-        return jnp.cos(freqs), jnp.sin(freqs)
+        if scale == 1:
+            return jnp.cos(freqs), jnp.sin(freqs)
+        return jnp.cos(freqs) * scale, jnp.sin(freqs) * scale
     angle = (np.arange(max_pos, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float64)
-    table = lambda f: jnp.asarray(f(angle).astype(np.float32))
+    table = lambda f: jnp.asarray(f(angle).astype(np.float32) * scale)
     return (jnp.take(table(np.cos), positions_BxL, axis=0, mode="clip"),
             jnp.take(table(np.sin), positions_BxL, axis=0, mode="clip"))
 

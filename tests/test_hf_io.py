@@ -25,6 +25,8 @@ def _tokens():
     ("qwen3", {"tie_word_embeddings": True}),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0,
+                                "original_max_position_embeddings": 16, "attention_factor": 1.2}}),
 ])
 def test_export_reloads_in_transformers_with_identical_logits(hf_dir_factory, tmp_path, arch,
                                                               overrides):
@@ -97,6 +99,35 @@ def test_unsupported_architecture_lists_the_supported(hf_dir_factory, tmp_path):
     _edit_config(d, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
     with pytest.raises(CheckpointError, match=r"model_type='gpt_neox'.*supported: qwen2, qwen3, llama"):
         hf_io.load(d)
+
+
+def _hf_llama(**kw):
+    return {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 4096} | kw
+
+
+def test_rope_settings_missing_from_an_older_config_are_filled_as_transformers_does():
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    # llama3 without its original context length: max_position_embeddings (not our 8192 default)
+    sc = hf_io.config_from_hf(_hf_llama(rope_scaling=llama3)).rope_scaling
+    assert (sc.kind, sc.original_max_position_embeddings) == ("llama3", 4096)
+    # a top-level original_max_position_embeddings wins over the scaling's own
+    sc = hf_io.config_from_hf(_hf_llama(
+        original_max_position_embeddings=512,
+        rope_scaling=llama3 | {"original_max_position_embeddings": 1024})).rope_scaling
+    assert sc.original_max_position_embeddings == 512
+    # YaRN without a factor: the context's growth; old-style "type" key; theta from rope_parameters
+    cfg = hf_io.config_from_hf(_hf_llama(rope_parameters={
+        "type": "yarn", "original_max_position_embeddings": 1024, "rope_theta": 1e6}))
+    assert (cfg.rope_scaling.kind, cfg.rope_scaling.factor, cfg.rope_theta) == ("yarn", 4.0, 1e6)
+    assert (cfg.rope_scaling.beta_fast, cfg.rope_scaling.attention_factor) == (32.0, None)
+    assert M.rope_attention_scale(cfg) == pytest.approx(0.1 * np.log(4.0) + 1)
+    with pytest.raises(CheckpointError, match=r"'dynamic' is not supported; supported: default, "
+                                              r"llama3, linear, yarn"):
+        hf_io.config_from_hf(_hf_llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ValueError, match=r"rope_scaling.beta_fast: must exceed beta_slow"):
+        hf_io.config_from_hf(_hf_llama(rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                                     "beta_fast": 1.0, "beta_slow": 2.0}))
 
 
 def test_missing_and_unexpected_tensors_are_named(hf_dir_factory, tmp_path):

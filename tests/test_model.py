@@ -12,6 +12,7 @@ from hf_models import torch_logits
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 
 # (arch, overrides): the architectures, tied and untied, plus shapes beyond the basics:
 # other sizes, head counts (MHA, GQA, MQA), explicit head_dim, RoPE theta and scaling.
@@ -27,6 +28,11 @@ PARITY_CASES = [
     ("llama", {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE, "num_key_value_heads": 4}),
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "attention_bias": True}),
     ("qwen3", {"attention_bias": True, "rope_theta": 1e6}),
+    # YaRN (Qwen2.5 / Qwen3 long context): ramp, attention factor, and its optional settings
+    ("qwen2", {"rope_scaling": YARN_ROPE}),
+    ("qwen3", {"rope_scaling": YARN_ROPE | {"beta_fast": 16.0, "beta_slow": 2.0,
+                                            "mscale": 1.0, "mscale_all_dim": 0.5}}),
+    ("llama", {"rope_scaling": YARN_ROPE | {"attention_factor": 1.3, "truncate": False}}),
 ]
 
 
@@ -206,7 +212,8 @@ def test_dense_and_its_gradient_equal_the_einsum(n_in, dtype, out_dtype):
 
 FM_CONFIGS = [
     dict(arch="qwen2", attention_bias=True, tie_word_embeddings=True),
-    dict(arch="qwen3", qk_norm=True, num_kv_heads=1, head_dim=12),
+    dict(arch="qwen3", qk_norm=True, num_kv_heads=1, head_dim=12,
+         rope_scaling=RopeScaling(kind="yarn", factor=4.0, original_max_position_embeddings=16)),
     dict(arch="llama", attention_bias=True, attention_out_bias=True,
          rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16)),
     dict(arch="llama", compute_dtype="bfloat16"),
