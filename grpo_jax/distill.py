@@ -28,18 +28,21 @@ import jax.numpy as jnp
 
 from grpo_jax import model
 from grpo_jax.config import ModelConfig
-from grpo_jax.sft import Batch, Pairs, SFTConfig, SFTResult, batch_hidden, fit, train_sft_dataset
+from grpo_jax.sft import (Batch, Pairs, Resumable, SFTConfig, SFTResult, batch_hidden, fit,
+                          train_sft_dataset)
 
 
 def distill_sft(student_params, student_cfg: ModelConfig, tok, pairs: Pairs, scfg: SFTConfig, *,
                 heldout_pairs: Pairs | None = None,
                 progress: Callable[[int, float], None] | None = None,
-                on_eval: Callable[[int, float], None] | None = None) -> SFTResult:
+                on_eval: Callable[[int, float], None] | None = None,
+                resumable: Resumable | None = None) -> SFTResult:
     """The paper's distillation: plain SFT of the student on the teacher's curated
     (prompt, completion) samples (`sft.train_sft_dataset`). The tokenizer `tok` is the
     student's; the teacher's text is simply re-tokenized, so vocabularies may differ."""
     return train_sft_dataset(student_params, student_cfg, tok, pairs, scfg,
-                             heldout_pairs=heldout_pairs, progress=progress, on_eval=on_eval)
+                             heldout_pairs=heldout_pairs, progress=progress, on_eval=on_eval,
+                             resumable=resumable)
 
 
 def check_same_vocab(student_cfg: ModelConfig, teacher_cfg: ModelConfig) -> None:
@@ -97,7 +100,8 @@ def distill_logits(student_params, student_cfg: ModelConfig, teacher_params,
                    kl_weight: float = 1.0, temperature: float = 1.0, ce_weight: float = 0.0,
                    heldout_pairs: Pairs | None = None,
                    progress: Callable[[int, float], None] | None = None,
-                   on_eval: Callable[[int, float], None] | None = None) -> SFTResult:
+                   on_eval: Callable[[int, float], None] | None = None,
+                   resumable: Resumable | None = None) -> SFTResult:
     """Logit distillation on the teacher's samples, with SFT's data pipeline and loop
     (`sft.fit`): loss = ce_weight * NLL + kl_weight * T^2 * KL(teacher || student) per completion
     token, token mean. Held-out losses are of the same objective (with ce_weight = 0 they are
@@ -115,4 +119,5 @@ def distill_logits(student_params, student_cfg: ModelConfig, teacher_params,
                             temperature=temperature, ce_weight=ce_weight, packed=packed)
 
     return fit(student_params, student_cfg, tok, pairs, scfg, objective, extra=(teacher_params,),
-               heldout_pairs=heldout_pairs, progress=progress, on_eval=on_eval)
+               heldout_pairs=heldout_pairs, progress=progress, on_eval=on_eval,
+               resumable=resumable)

@@ -13,8 +13,10 @@ A `Pipeline` lists stages; each names the earlier stages it takes a policy or a 
 
 RUN_DIR/STAGE/ holds each stage's outputs (hf_model/ for a policy, dataset.jsonl for rejection
 sampling) and `stage.json` once the stage is complete. A pipeline run skips complete stages and
-resumes at the first incomplete one: a GRPO stage from its own latest checkpoint, the others from
-their start (they are deterministic, so the result is the same).
+resumes at the first incomplete one: a GRPO stage from its own latest checkpoint, an SFT stage
+from its saved state (STAGE/sft_state/, written every `checkpoint_minutes` and on a stop request,
+removed when the stage completes), the others from their start (they are deterministic, so the
+result is the same).
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ class SFTStage:
     teacher: str | None = None  # logit distillation from this stage's policy (same tokenizer)
     kl_weight: float = 1.0
     ce_weight: float = 0.0
+    # the stage's state (params, optimizer, losses) is saved this often and on a stop request,
+    # and an interrupted stage resumes from it (0: only on a stop request)
+    checkpoint_minutes: float = 10.0
+
+    def __post_init__(self):
+        _check(self.checkpoint_minutes >= 0, f"stages.{self.name}.checkpoint_minutes",
+               f"must be >= 0 (0 = only on a stop request), got {self.checkpoint_minutes}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -135,6 +144,9 @@ class Pipeline:
 # ----------------------------------------------------------------------------- running
 
 
+SFT_STATE = "sft_state"  # an unfinished SFT stage's saved state, under its stage directory
+
+
 class PipelineRun:
     """One pipeline in one run directory."""
 
@@ -172,7 +184,8 @@ class PipelineRun:
                                         f"needs its output; run the pipeline, or that stage first "
                                         f"(--stage {name})")
         d = self.stage_dir(st.name)
-        if not isinstance(st, GRPOStage):  # GRPO resumes from its checkpoints; others restart
+        # GRPO resumes from its checkpoints, an unfinished SFT stage from its state; others restart
+        if not isinstance(st, GRPOStage) and (not isinstance(st, SFTStage) or self.done(st.name)):
             shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -183,14 +196,15 @@ class PipelineRun:
         from grpo_jax.runner import atomic_write
 
         atomic_write(d / "stage.json", json.dumps(record, indent=2))
+        shutil.rmtree(d / SFT_STATE, ignore_errors=True)  # the stage's outputs are complete
         self.say(f"stage {st.name} done in {record['wall_s']:.0f}s")
         return record
 
-    def preempt(self, stage: str):
+    def preempt(self, stage: str, resumes: str = "reruns from its start"):
         from grpo_jax.runner import PREEMPTED_EXIT, Preempted
 
-        self.say(f"stopping in stage {stage}; it reruns from its start on resume; exiting with "
-                 f"code {PREEMPTED_EXIT}")
+        self.say(f"stopping in stage {stage}; it {resumes} on resume; exiting with code "
+                 f"{PREEMPTED_EXIT}")
         raise Preempted(PREEMPTED_EXIT)
 
     def _save_policy(self, params, cfg, tok, d: Path) -> None:
@@ -216,7 +230,7 @@ class PipelineRun:
     def _SFTStage(self, st: SFTStage, d: Path) -> dict:
         from grpo_jax.distill import distill_logits
         from grpo_jax.rejection import read_dataset, sft_pairs
-        from grpo_jax.sft import train_sft_dataset
+        from grpo_jax.sft import Resumable, Stopped, train_sft_dataset
         from grpo_jax.tasks.corpus import curated_pairs
 
         cfg, params, tok = self.policy(st.policy)
@@ -229,16 +243,21 @@ class PipelineRun:
         if not pairs:
             raise ValueError(f"stage {st.name}: no training pairs (curated=0 and the datasets "
                              f"{list(st.datasets)} are empty)")
-        def progress(step, loss):  # a stop request abandons the stage (rerun from its start)
-            if self.stop is not None and self.stop.requested:
-                self.preempt(st.name)
-
-        if st.teacher is None:
-            res = train_sft_dataset(params, cfg, tok, pairs, st.sft, progress=progress)
-        else:
-            t_cfg, t_params, _ = self.policy(st.teacher)
-            res = distill_logits(params, cfg, t_params, t_cfg, tok, pairs, st.sft,
-                                 kl_weight=st.kl_weight, ce_weight=st.ce_weight, progress=progress)
+        # a stop request saves the stage's state after the current update; a rerun resumes it
+        state = Resumable(d / SFT_STATE, every_s=60.0 * st.checkpoint_minutes,
+                          stop=lambda: self.stop is not None and self.stop.requested)
+        if (d / SFT_STATE).exists():
+            self.say(f"{st.name}: resuming from its saved state ({d / SFT_STATE})")
+        try:
+            if st.teacher is None:
+                res = train_sft_dataset(params, cfg, tok, pairs, st.sft, resumable=state)
+            else:
+                t_cfg, t_params, _ = self.policy(st.teacher)
+                res = distill_logits(params, cfg, t_params, t_cfg, tok, pairs, st.sft,
+                                     kl_weight=st.kl_weight, ce_weight=st.ce_weight,
+                                     resumable=state)
+        except Stopped as e:
+            self.preempt(st.name, f"resumes after update {e.step} (state saved)")
         from grpo_jax.runner import atomic_write
 
         atomic_write(d / "sft_metrics.jsonl", "".join(

@@ -147,10 +147,16 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Dotted leaf names. A list of dicts (a pipeline's stages) is entered too, each element
+    under its "name" (or its index), so that a diff names the field that changed."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out |= _flatten(v, f"{prefix}{k}.")
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out |= _flatten(x, f"{prefix}{k}.{x.get('name', i)}.")
+            out[f"{prefix}{k}.<count>"] = len(v)
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -159,7 +165,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 # Fields that say how to run, not what is computed: they may change on resume. Leaf names in
 # _RUNTIME_LEAVES are such fields wherever they sit (e.g. every stage's sampler).
 _RUNTIME_FIELDS = ("run_dir", "allow_config_change", "log.progress")
-_RUNTIME_LEAVES = ("cache_windows",)
+_RUNTIME_LEAVES = ("cache_windows", "checkpoint_minutes")
 
 
 def config_diff(old: dict, new: dict) -> list[str]:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import time
+from pathlib import Path
 from typing import Callable, Literal, NamedTuple, Sequence
 
 import jax
@@ -95,6 +98,30 @@ class SFTResult:
     truncated: int = 0  # examples longer than max_len (their tail was cut)
     skipped: int = 0  # updates skipped for a non-finite loss or gradient
     shapes: tuple[tuple[int, int], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumable:
+    """Where `fit` keeps its state so that an interrupted run goes on where it stopped.
+
+    `dir` holds one orbax checkpoint (params, optimizer state, and the record of the updates
+    done: losses, held-out losses, token counts). It is written every `every_s` seconds of
+    training (0: never on a timer) and when `stop()` turns true after an update; `fit` then raises
+    `Stopped`. A later `fit` with the same dir, data and config restores it and runs the remaining
+    updates: the epoch plans derive from `SFTConfig.seed`, so the result equals an uninterrupted
+    run's (tested)."""
+
+    dir: Path
+    every_s: float = 600.0
+    stop: Callable[[], bool] | None = None
+
+
+class Stopped(Exception):
+    """`fit` saved its state after update `step` because `Resumable.stop()` asked it to."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after update {step}; state saved")
+        self.step = step
 
 
 # ----------------------------------------------------------------------------- data
@@ -278,10 +305,12 @@ def _split_heldout(n: int, scfg: SFTConfig) -> tuple[np.ndarray, np.ndarray]:
 def fit(params, cfg: ModelConfig, tok, pairs: Pairs, scfg: SFTConfig, objective: Objective, *,
         extra: tuple = (), heldout_pairs: Pairs | None = None,
         progress: Callable[[int, float], None] | None = None,
-        on_eval: Callable[[int, float], None] | None = None) -> SFTResult:
+        on_eval: Callable[[int, float], None] | None = None,
+        resumable: Resumable | None = None) -> SFTResult:
     """The epoch loop shared by SFT and logit distillation: `objective` (summed loss and target
     count, see `completion_nll`) is minimized as a token mean per update; `extra` are further
-    non-differentiated arguments (a teacher's params)."""
+    non-differentiated arguments (a teacher's params). With `resumable`, the loop saves its state
+    and resumes from it (`Resumable`)."""
     if heldout_pairs is not None and scfg.heldout_fraction > 0:
         raise ValueError("sft.heldout_fraction: must be 0 when heldout_pairs are given explicitly, "
                          f"got {scfg.heldout_fraction}")
@@ -347,6 +376,22 @@ def fit(params, cfg: ModelConfig, tok, pairs: Pairs, scfg: SFTConfig, objective:
     res = SFTResult(params=None, losses=[], truncated=cut)
     params = jax.tree.map(jnp.array, params)  # own copies: the update donates them
     opt_state = tx.init(params)
+    # what a saved state must agree with to be resumed: the data and the length of the schedule
+    identity = {"examples": len(examples), "heldout": len(held), "updates": len(schedule),
+                "data_sha256": _digest(examples + held)}
+    ckpt = state = None
+    if resumable is not None:
+        ckpt, state = _open_state(resumable.dir, identity)
+    if state is not None:
+        items, meta = ckpt.restore(state, {"params": params, "opt_state": opt_state})
+        params, opt_state = items["params"], items["opt_state"]
+        res.losses, res.skipped = meta["losses"], meta["skipped"]
+        res.heldout = [tuple(h) for h in meta["heldout"]]
+        res.loss_tokens, real, slots = meta["loss_tokens"], meta["real"], meta["slots"]
+        shapes = {tuple(x) for x in meta["batch_shapes"]}
+    else:
+        real = slots = 0
+        shapes = set()
 
     def record_eval(step):
         if held:
@@ -354,31 +399,79 @@ def fit(params, cfg: ModelConfig, tok, pairs: Pairs, scfg: SFTConfig, objective:
             if on_eval is not None:
                 on_eval(*res.heldout[-1])
 
-    record_eval(0)
-    real = slots = 0
-    shapes, pending = set(), None
-    for s, p in enumerate(schedule, start=1):
-        batch = assemble(examples, p, prompt_loss=scfg.prompt_loss)
-        real += int((batch.segments_NxL > 0).sum())
-        slots += batch.tokens_NxL.size
-        res.loss_tokens += int(batch.weights_NxT.sum())
-        shapes.add(batch.tokens_NxL.shape)
-        params, opt_state, loss, ok = update(params, opt_state, batch, extra)
-        if pending is not None:  # fetch the previous step's loss: the device never waits
+    def save(step):
+        ckpt.save(step, {"params": params, "opt_state": opt_state}, {
+            "identity": identity, "losses": res.losses, "skipped": res.skipped, "heldout": res.heldout,
+            "loss_tokens": res.loss_tokens, "real": real, "slots": slots,
+            "batch_shapes": sorted(shapes)})
+
+    if state is None:
+        record_eval(0)
+    done, pending, saved_at = state or 0, None, time.monotonic()
+    try:
+        for s, p in enumerate(schedule[done:], start=done + 1):
+            batch = assemble(examples, p, prompt_loss=scfg.prompt_loss)
+            real += int((batch.segments_NxL > 0).sum())
+            slots += batch.tokens_NxL.size
+            res.loss_tokens += int(batch.weights_NxT.sum())
+            shapes.add(batch.tokens_NxL.shape)
+            params, opt_state, loss, ok = update(params, opt_state, batch, extra)
+            if pending is not None:  # fetch the previous step's loss: the device never waits
+                _finish(res, progress, *pending)
+            pending = (s, loss, ok)
+            if scfg.eval_every and s % scfg.eval_every == 0 and s != len(schedule):
+                _finish(res, progress, *pending)
+                pending = None
+                record_eval(s)
+            if resumable is None or s == len(schedule):
+                continue
+            stop = resumable.stop is not None and resumable.stop()
+            if stop or (resumable.every_s and time.monotonic() - saved_at >= resumable.every_s):
+                if pending is not None:
+                    _finish(res, progress, *pending)
+                    pending = None
+                save(s)
+                saved_at = time.monotonic()
+                if stop:
+                    ckpt.wait()
+                    raise Stopped(s)
+        if pending is not None:
             _finish(res, progress, *pending)
-        pending = (s, loss, ok)
-        if scfg.eval_every and s % scfg.eval_every == 0 and s != len(schedule):
-            _finish(res, progress, *pending)
-            pending = None
-            record_eval(s)
-    if pending is not None:
-        _finish(res, progress, *pending)
+    finally:
+        if ckpt is not None:
+            ckpt.close()  # waits for a save in flight
     record_eval(len(schedule))
     res.params = params
     res.tokens_seen = real
     res.padding_fraction = 1.0 - real / max(slots, 1)
     res.shapes = tuple(sorted(shapes))
     return res
+
+
+def _digest(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.asarray([e.prompt_len, e.ids.size], np.int64).tobytes())
+        h.update(np.asarray(e.ids, np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _open_state(root: Path, identity: dict):
+    """(Checkpointer over `root`, the step of its saved state or None), refusing a state saved
+    for other data or another schedule."""
+    from grpo_jax.checkpoints import Checkpointer
+
+    ckpt = Checkpointer(root, keep=1)
+    step = ckpt.latest_step()
+    if step is not None:
+        saved = ckpt.meta(step).get("identity", {})
+        diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+        if diff:
+            ckpt.close()
+            what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
+            raise ValueError(f"{root}: the saved SFT state (update {step}) is of other data or "
+                             f"another schedule ({what}); delete that directory to start over")
+    return ckpt, step
 
 
 def _finish(res: SFTResult, progress, step: int, loss, ok) -> None:
@@ -391,19 +484,21 @@ def _finish(res: SFTResult, progress, step: int, loss, ok) -> None:
 def train_sft_dataset(params, cfg: ModelConfig, tok, pairs: Pairs, scfg: SFTConfig, *,
                       heldout_pairs: Pairs | None = None,
                       progress: Callable[[int, float], None] | None = None,
-                      on_eval: Callable[[int, float], None] | None = None) -> SFTResult:
+                      on_eval: Callable[[int, float], None] | None = None,
+                      resumable: Resumable | None = None) -> SFTResult:
     """SFT for `scfg.epochs` epochs over `pairs` (cold start, post-rejection-sampling SFT,
     distillation): minimizes the completion tokens' mean NLL (`completion_nll`). Held-out loss
     (on `heldout_pairs`, or a `scfg.heldout_fraction` split of `pairs`) uses the same loss
     without updates, before training, every `scfg.eval_every` updates and at the end.
-    `progress(updates_done, loss)` and `on_eval(updates_done, heldout_loss)` are callbacks."""
+    `progress(updates_done, loss)` and `on_eval(updates_done, heldout_loss)` are callbacks;
+    `resumable` saves the loop's state and resumes from it (`Resumable`)."""
     packed = scfg.packing == "pack"
 
     def objective(p, batch):
         return completion_nll(p, cfg, batch, packed=packed)
 
     return fit(params, cfg, tok, pairs, scfg, objective, heldout_pairs=heldout_pairs,
-               progress=progress, on_eval=on_eval)
+               progress=progress, on_eval=on_eval, resumable=resumable)
 
 
 # ----------------------------------------------------------------------------- pretraining path

@@ -257,15 +257,18 @@ def test_resuming_with_another_config_lists_the_differences(tmp_path):
 
 
 def test_how_to_run_fields_may_change_on_resume():
-    """A run made before `SamplerConfig.cache_windows` existed (or with another value, in any
-    stage's sampler) resumes: the windows change how the decode runs, not what it samples."""
+    """A run made before `SamplerConfig.cache_windows` or `SFTStage.checkpoint_minutes` existed
+    (or with other values, in any stage) resumes: they change how the work runs, not its
+    result."""
     from grpo_jax.runner import config_diff
 
     old = {"sampler": {"temperature": 1.0}, "log": {"progress": True},
-           "stages": {"rl": {"sampler": {"cache_windows": 4}}}}
+           "stages": [{"name": "rl", "sampler": {"cache_windows": 4}}, {"name": "sft", "epochs": 2}]}
     new = {"sampler": {"temperature": 0.9, "cache_windows": 4}, "log": {"progress": False},
-           "stages": {"rl": {"sampler": {"cache_windows": 1}}}}
-    assert config_diff(old, new) == ["sampler.temperature: 1.0 -> 0.9"]
+           "stages": [{"name": "rl", "sampler": {"cache_windows": 1}},
+                      {"name": "sft", "epochs": 3, "checkpoint_minutes": 10.0}]}
+    # a pipeline's stages are compared field by field, each named by its stage
+    assert config_diff(old, new) == ["sampler.temperature: 1.0 -> 0.9", "stages.sft.epochs: 2 -> 3"]
 
 
 def test_a_checkpoint_from_another_model_is_refused(tmp_path):
@@ -387,15 +390,16 @@ PIPELINE = Pipeline(
                     template="short", max_prompt_tokens=32, eval_problems=8),
     stages=(PretrainStage(name="base", model=TINY, max_len=64,
                           pretrain=PretrainConfig(steps=5, batch_size=8, words=True, second_script=0.5)),
-            SFTStage(name="sft", policy="base", curated=256,
+            SFTStage(name="sft", policy="base", curated=256, checkpoint_minutes=0.005,
                      sft=SFTConfig(epochs=12, batch_size=8, max_len=64, optim=OptimConfig(lr=1e-2)))),
 )
 '''
 
 
 def test_interrupted_sft_stage_resumes_to_the_same_result(tmp_path):
-    """SIGTERM inside an SFT stage (exit 75, the stage abandoned) and SIGKILL in a rerun; the
-    pipeline then finishes with the weights of an uninterrupted run, bit for bit."""
+    """SIGTERM inside an SFT stage (its state saved, exit 75) and SIGKILL in a rerun (which
+    resumed from that state and saved its own every 0.3 s); the pipeline then finishes from the
+    last saved state with the weights of an uninterrupted run, bit for bit."""
     seed = random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
     exp_file = tmp_path / "pipe.py"
@@ -422,14 +426,16 @@ def test_interrupted_sft_stage_resumes_to_the_same_result(tmp_path):
     if proc.returncode == 0:  # it finished before the signal: nothing to resume (rare)
         pytest.skip(f"seed {seed}: the SFT stage ended before SIGTERM")
     assert proc.returncode == PREEMPTED_EXIT, f"seed {seed}: {out[-3000:]}"
-    assert "stopping in stage sft" in out and not (run_dir / "sft" / "stage.json").exists()
+    assert "stopping in stage sft; it resumes after update" in out
+    assert (run_dir / "sft" / "sft_state").is_dir() and not (run_dir / "sft" / "stage.json").exists()
     proc = start_and_wait_for_sft()
     proc.kill()
     proc.communicate(timeout=60)
     proc = _start(exp_file, run_dir)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, f"seed {seed}: {out[-3000:]}"
-    assert "stage base: complete, skipped" in out
+    assert "stage base: complete, skipped" in out and "sft: resuming from its saved state" in out
+    assert not (run_dir / "sft" / "sft_state").exists()  # removed once the stage is complete
     for name in ("model.safetensors", "config.json"):
         a = (tmp_path / "ref" / "sft" / "hf_model" / name).read_bytes()
         assert a == (run_dir / "sft" / "hf_model" / name).read_bytes(), f"seed {seed}: {name}"

@@ -190,6 +190,41 @@ def test_sft_memorizes_a_small_set(tok):
     assert res.padding_fraction == pytest.approx(1 - n_tokens / (8 * 48))
 
 
+def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(tok, tmp_path):
+    """`Resumable`: a stop request saves the state after that update and raises `Stopped`; a
+    second `fit` on the same directory finishes with the losses, held-out losses, counts and
+    weights of an uninterrupted run. Saving after every update changes nothing either."""
+    scfg = SFTConfig(epochs=3, batch_size=2, max_len=64, num_buckets=2, eval_every=2,
+                     heldout_fraction=0.25, optim=OptimConfig(lr=1e-2, schedule="cosine",
+                                                              warmup_steps=1))
+    full = train_sft_dataset(_params(5), CFG, tok, PAIRS, scfg)
+    assert len(full.losses) == 12 and [s for s, _ in full.heldout] == [0, 2, 4, 6, 8, 10, 12]
+    checks = []
+    stop_after_4 = sft.Resumable(tmp_path / "a", every_s=0,
+                                 stop=lambda: checks.append(1) or len(checks) == 4)
+    with pytest.raises(sft.Stopped, match="after update 4") as e:
+        train_sft_dataset(_params(5), CFG, tok, PAIRS, scfg, resumable=stop_after_4)
+    assert e.value.step == 4
+    seen = []
+    rest = train_sft_dataset(_params(99), CFG, tok, PAIRS, scfg,  # the saved weights win
+                             resumable=sft.Resumable(tmp_path / "a"),
+                             progress=lambda s, l: seen.append(s))
+    assert seen == list(range(5, 13))
+    every = train_sft_dataset(_params(5), CFG, tok, PAIRS, scfg,
+                              resumable=sft.Resumable(tmp_path / "b", every_s=1e-9))
+    for res in (rest, every):
+        assert res.losses == full.losses and res.heldout == full.heldout
+        assert (res.tokens_seen, res.loss_tokens, res.shapes, res.padding_fraction) == (
+            full.tokens_seen, full.loss_tokens, full.shapes, full.padding_fraction)
+        for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(full.params)):
+            np.testing.assert_array_equal(a, b)
+    # a state saved for other data is refused, naming what differs and the way out
+    with pytest.raises(ValueError, match=r"other data or another schedule \(examples: saved 6, "
+                                         r"now 5.*delete that directory"):
+        train_sft_dataset(_params(5), CFG, tok, PAIRS[:7], scfg,
+                          resumable=sft.Resumable(tmp_path / "a"))
+
+
 # ----------------------------------------------------------------------------- distillation
 
 STUDENT = ModelConfig(arch="llama", vocab_size=96, hidden_size=16, intermediate_size=32,
