@@ -60,8 +60,10 @@ class RopeScaling:
             _check(self.beta_fast > self.beta_slow, "rope_scaling.beta_fast",
                    f"must exceed beta_slow ({self.beta_slow}), got {self.beta_fast}")
             _check(self.attention_factor is None or self.attention_factor > 0,
-                   "rope_scaling.attention_factor", f"must be > 0 or None, got {self.attention_factor}")
-        _check(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings",
+                   "rope_scaling.attention_factor",
+                   f"must be > 0 or None, got {self.attention_factor}")
+        _check(self.original_max_position_embeddings > 0,
+               "rope_scaling.original_max_position_embeddings",
                f"must be > 0, got {self.original_max_position_embeddings}")
 
 

@@ -68,9 +68,9 @@ def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
                               "linear, yarn")
     # as `transformers`: a top-level original_max_position_embeddings wins, then the scaling's
     # own, then max_position_embeddings
-    kw = {k: sc[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast",
-                             "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
-          if sc.get(k) is not None}
+    names = ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+             "attention_factor", "mscale", "mscale_all_dim", "truncate")
+    kw = {k: sc[k] for k in names if sc.get(k) is not None}
     old = hf.get("original_max_position_embeddings") or sc.get("original_max_position_embeddings")
     old = old or hf.get("max_position_embeddings")
     if old is not None:

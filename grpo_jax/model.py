@@ -146,7 +146,8 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, axis: int = -1) -> jax.Arra
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [Hd/2], with Llama 3 / linear / YaRN scaling as in `transformers`."""
+    """Inverse RoPE frequencies [Hd/2], with Llama 3 / linear / YaRN scaling as in
+    `transformers`."""
     hd = cfg.hd
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     sc = cfg.rope_scaling

@@ -401,8 +401,8 @@ def fit(params, cfg: ModelConfig, tok, pairs: Pairs, scfg: SFTConfig, objective:
 
     def save(step):
         ckpt.save(step, {"params": params, "opt_state": opt_state}, {
-            "identity": identity, "losses": res.losses, "skipped": res.skipped, "heldout": res.heldout,
-            "loss_tokens": res.loss_tokens, "real": real, "slots": slots,
+            "identity": identity, "losses": res.losses, "skipped": res.skipped,
+            "heldout": res.heldout, "loss_tokens": res.loss_tokens, "real": real, "slots": slots,
             "batch_shapes": sorted(shapes)})
 
     if state is None:

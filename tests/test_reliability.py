@@ -263,7 +263,8 @@ def test_how_to_run_fields_may_change_on_resume():
     from grpo_jax.runner import config_diff
 
     old = {"sampler": {"temperature": 1.0}, "log": {"progress": True},
-           "stages": [{"name": "rl", "sampler": {"cache_windows": 4}}, {"name": "sft", "epochs": 2}]}
+           "stages": [{"name": "rl", "sampler": {"cache_windows": 4}},
+                      {"name": "sft", "epochs": 2}]}
     new = {"sampler": {"temperature": 0.9, "cache_windows": 4}, "log": {"progress": False},
            "stages": [{"name": "rl", "sampler": {"cache_windows": 1}},
                       {"name": "sft", "epochs": 3, "checkpoint_minutes": 10.0}]}
@@ -427,7 +428,8 @@ def test_interrupted_sft_stage_resumes_to_the_same_result(tmp_path):
         pytest.skip(f"seed {seed}: the SFT stage ended before SIGTERM")
     assert proc.returncode == PREEMPTED_EXIT, f"seed {seed}: {out[-3000:]}"
     assert "stopping in stage sft; it resumes after update" in out
-    assert (run_dir / "sft" / "sft_state").is_dir() and not (run_dir / "sft" / "stage.json").exists()
+    assert (run_dir / "sft" / "sft_state").is_dir()
+    assert not (run_dir / "sft" / "stage.json").exists()
     proc = start_and_wait_for_sft()
     proc.kill()
     proc.communicate(timeout=60)
