@@ -280,3 +280,24 @@ def test_decode_layout_takes_stacked_or_split_layers_and_is_a_copy():
     np.testing.assert_array_equal(lp["w_gu"][cfg.intermediate_size:],
                                   params["layers"]["w_up"][1].T)
     assert M.is_decode_layout(a) and not M.is_decode_layout(params)
+
+
+def test_parity_sweep_script_draws_configs_and_compares_them(capsys):
+    """scripts/parity_sweep.py (parity beyond the cases above): a short run passes, and each
+    RoPE kind it can draw is one `hf_io` reads."""
+    import importlib.util
+    import json
+    import random
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "parity_sweep.py"
+    spec = importlib.util.spec_from_file_location("parity_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    assert sweep.main(["--configs", "3", "--seed", "5", "--rope", "yarn"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["compared"] + summary["refused_by_transformers"] == 3
+    assert summary["compared"] >= 1 and summary["max_abs_diff"] < 1e-4
+    rng = random.Random(0)
+    kinds = {sweep.draw(rng, "any")[1].get("rope_scaling", {}).get("rope_type") for _ in range(40)}
+    assert kinds == {None, "llama3", "linear", "yarn"}
