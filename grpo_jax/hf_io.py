@@ -76,6 +76,9 @@ def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
     if old is not None:
         kw["original_max_position_embeddings"] = int(old)
     if kind == "yarn" and "factor" not in kw:  # implicit: the context's growth
+        if old is None:
+            raise CheckpointError("rope_scaling yarn: neither factor nor "
+                                  "original_max_position_embeddings is given; add the factor")
         kw["factor"] = hf.get("max_position_embeddings", old) / old
     return theta, RopeScaling(kind=kind, **kw)
 

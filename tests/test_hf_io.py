@@ -125,6 +125,9 @@ def test_rope_settings_missing_from_an_older_config_are_filled_as_transformers_d
     with pytest.raises(CheckpointError, match=r"'dynamic' is not supported; supported: default, "
                                               r"llama3, linear, yarn"):
         hf_io.config_from_hf(_hf_llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    no_length = {k: v for k, v in _hf_llama().items() if k != "max_position_embeddings"}
+    with pytest.raises(CheckpointError, match=r"yarn: neither factor nor .*add the factor"):
+        hf_io.config_from_hf(no_length | {"rope_scaling": {"rope_type": "yarn"}})
     with pytest.raises(ValueError, match=r"rope_scaling.beta_fast: must exceed beta_slow"):
         hf_io.config_from_hf(_hf_llama(rope_scaling={"rope_type": "yarn", "factor": 2.0,
                                                      "beta_fast": 1.0, "beta_slow": 2.0}))
