@@ -230,7 +230,7 @@ class PipelineRun:
     def _SFTStage(self, st: SFTStage, d: Path) -> dict:
         from grpo_jax.distill import distill_logits
         from grpo_jax.rejection import read_dataset, sft_pairs
-        from grpo_jax.sft import Resumable, Stopped, train_sft_dataset
+        from grpo_jax.sft import Resumable, Stopped, saved_update, train_sft_dataset
         from grpo_jax.tasks.corpus import curated_pairs
 
         cfg, params, tok = self.policy(st.policy)
@@ -246,8 +246,9 @@ class PipelineRun:
         # a stop request saves the stage's state after the current update; a rerun resumes it
         state = Resumable(d / SFT_STATE, every_s=60.0 * st.checkpoint_minutes,
                           stop=lambda: self.stop is not None and self.stop.requested)
-        if (d / SFT_STATE).exists():
-            self.say(f"{st.name}: resuming from its saved state ({d / SFT_STATE})")
+        if (done := saved_update(d / SFT_STATE)) is not None:
+            self.say(f"{st.name}: resuming after update {done} from its saved state "
+                     f"({d / SFT_STATE})")
         try:
             if st.teacher is None:
                 res = train_sft_dataset(params, cfg, tok, pairs, st.sft, resumable=state)

@@ -456,6 +456,19 @@ def _digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+def saved_update(root: Path) -> int | None:
+    """The update after which `Resumable(root)` saved its state; None when it saved none."""
+    from grpo_jax.checkpoints import Checkpointer
+
+    if not Path(root).is_dir():
+        return None
+    ckpt = Checkpointer(root, read_only=True)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
 def _open_state(root: Path, identity: dict):
     """(Checkpointer over `root`, the step of its saved state or None), refusing a state saved
     for other data or another schedule."""

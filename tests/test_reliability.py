@@ -436,7 +436,7 @@ def test_interrupted_sft_stage_resumes_to_the_same_result(tmp_path):
     proc = _start(exp_file, run_dir)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, f"seed {seed}: {out[-3000:]}"
-    assert "stage base: complete, skipped" in out and "sft: resuming from its saved state" in out
+    assert "stage base: complete, skipped" in out and "sft: resuming after update" in out
     assert not (run_dir / "sft" / "sft_state").exists()  # removed once the stage is complete
     for name in ("model.safetensors", "config.json"):
         a = (tmp_path / "ref" / "sft" / "hf_model" / name).read_bytes()

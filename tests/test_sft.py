@@ -204,7 +204,8 @@ def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(tok, tmp_path):
                                  stop=lambda: checks.append(1) or len(checks) == 4)
     with pytest.raises(sft.Stopped, match="after update 4") as e:
         train_sft_dataset(_params(5), CFG, tok, PAIRS, scfg, resumable=stop_after_4)
-    assert e.value.step == 4
+    assert e.value.step == 4 and sft.saved_update(tmp_path / "a") == 4
+    assert sft.saved_update(tmp_path / "none") is None
     seen = []
     rest = train_sft_dataset(_params(99), CFG, tok, PAIRS, scfg,  # the saved weights win
                              resumable=sft.Resumable(tmp_path / "a"),
