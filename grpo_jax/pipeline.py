@@ -245,7 +245,7 @@ class PipelineRun:
                              f"{list(st.datasets)} are empty)")
         # a stop request saves the stage's state after the current update; a rerun resumes it
         state = Resumable(d / SFT_STATE, every_s=60.0 * st.checkpoint_minutes,
-                          stop=lambda: self.stop is not None and self.stop.requested)
+                          stop=lambda: self.stop is not None and self.stop.agreed())
         if (done := saved_update(d / SFT_STATE)) is not None:
             self.say(f"{st.name}: resuming after update {done} from its saved state "
                      f"({d / SFT_STATE})")
@@ -359,7 +359,7 @@ def run_pipeline(pipe: Pipeline, name: str = "pipeline", *, only: str | None = N
             if rec is not None and only is None:
                 say(f"stage {st.name}: complete, skipped")
             else:
-                if stop.requested:
+                if stop.agreed():
                     pr.preempt(st.name)
                 rec = pr.run_stage(st)
             records[st.name] = rec

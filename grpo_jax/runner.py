@@ -163,17 +163,24 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 # Fields that say how to run, not what is computed: they may change on resume. Leaf names in
-# _RUNTIME_LEAVES are such fields wherever they sit (e.g. every stage's sampler).
+# _RUNTIME_LEAVES are such fields wherever they sit (e.g. every stage's sampler), and so is the
+# whole `dist` section: where the coordinator listens and which process this is (each process
+# of a multi-host run compares its own config with the one process 0 wrote).
 _RUNTIME_FIELDS = ("run_dir", "allow_config_change", "log.progress")
 _RUNTIME_LEAVES = ("cache_windows", "checkpoint_minutes")
+_RUNTIME_SECTIONS = ("dist",)
+
+
+def _runtime(key: str) -> bool:
+    parts = key.split(".")
+    return (key in _RUNTIME_FIELDS or parts[-1] in _RUNTIME_LEAVES
+            or any(p in _RUNTIME_SECTIONS for p in parts[:-1]))
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in _RUNTIME_FIELDS
-            and k.rsplit(".", 1)[-1] not in _RUNTIME_LEAVES]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not _runtime(k)]
 
 
 def make_run_dir(exp: Experiment, name: str) -> Path:
@@ -344,6 +351,19 @@ class StopRequest:
         self.requested = True
         self._say(f"got {signal.Signals(signum).name}: checkpointing at the end of this step, then "
                   f"exiting with code {PREEMPTED_EXIT} (rerun the same command to resume)")
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop. At a step boundary every process must take the
+        same branch (a checkpoint is collective), but a signal may reach only some of them (one
+        host's maintenance event, Ctrl-C in one terminal): one process saving while another
+        steps into the next update's collectives would hang both. With several processes this
+        is one tiny all-gather per call; with one, the local flag."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.asarray([self.requested]))
+            self.requested = self.requested or bool(np.any(flags))
+        return self.requested
 
     def restore(self):
         for sig, handler in self._old.items():
@@ -532,7 +552,7 @@ def _run_loop(exp, name, run_dir, task, cfg, tok, trainer, log, ckpt, stop, resu
 
     bar = tqdm(total=exp.steps, initial=start, desc="grpo", disable=not exp.log.progress)
     for step in range(start, exp.steps):
-        if stop.requested:
+        if stop.agreed():
             flush()
             if saved != step:
                 save(step)

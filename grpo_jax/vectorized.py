@@ -571,7 +571,7 @@ def _train(vec: VectorizedGRPO, names, dirs, ckpts, logs, stop, resume, params, 
     eval_due = lambda s: s == 0 or (exp.eval.every and s % exp.eval.every == 0)
     bar = tqdm(total=exp.steps, initial=start, desc=f"grpo x{runs}", disable=not exp.log.progress)
     for step in range(start, exp.steps):
-        if stop.requested:
+        if stop.agreed():
             flush()
             if saved != step:
                 save(step)

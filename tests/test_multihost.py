@@ -1,11 +1,13 @@
 """Multi-host: a 2-process run (two local processes, gloo CPU collectives, coordinator on
-127.0.0.1) produces the metrics of a 1-process run over the same global mesh of 4 devices."""
+127.0.0.1) produces the metrics of a 1-process run over the same global mesh of 4 devices, and
+the processes stop together when only one of them gets the signal."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +96,48 @@ def test_processes_opening_one_run_directory_at_once_do_not_trip_over_each_other
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0, out[-3000:]
     assert sorted(x.name for x in (tmp_path / "run").iterdir()) == ["config.json"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """A stop signal that reaches one process only (one host's maintenance event, Ctrl-C in one
+    terminal): the processes agree at the next step boundary, both checkpoint that step and exit
+    75 (before, process 1 waited in the checkpoint's barrier while process 0 waited in the next
+    update's collectives), and the resumed pair finishes the run with each step logged once."""
+    import signal
+
+    from test_reliability import PACED_EXPERIMENT_FILE
+
+    exp_file = tmp_path / "exp.py"
+    exp_file.write_text(PACED_EXPERIMENT_FILE.replace("mu=2", "mu=1"))
+    run_dir, port = tmp_path / "two", _free_port()
+
+    def start(port):
+        return [subprocess.Popen(_cmd(exp_file, run_dir, "--dist.coordinator_address",
+                                      f"127.0.0.1:{port}", "--dist.num_processes", "2",
+                                      "--dist.process_id", str(i)),
+                                 env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for i in range(2)]
+
+    procs = start(port)
+    metrics = run_dir / "metrics.jsonl"
+    t0 = time.time()
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+        assert all(p.poll() is None for p in procs), procs[0].stdout.read()[-3000:]
+        assert time.time() - t0 < 300, "timed out waiting for two steps"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("the processes did not stop together (hung)")
+    assert [p.returncode for p in procs] == [75, 75], outs[0][-3000:] + outs[1][-3000:]
+    stopped = int(outs[0].split("checkpointed at step ")[1].split(";")[0])
+    assert 2 <= stopped < 8
+    procs = start(_free_port())
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert [r["step"] for r in _rows(metrics)] == list(range(1, 9))

@@ -259,13 +259,15 @@ def test_resuming_with_another_config_lists_the_differences(tmp_path):
 def test_how_to_run_fields_may_change_on_resume():
     """A run made before `SamplerConfig.cache_windows` or `SFTStage.checkpoint_minutes` existed
     (or with other values, in any stage) resumes: they change how the work runs, not its
-    result."""
+    result. So does another process of a multi-host run, or a new coordinator (`dist`)."""
     from grpo_jax.runner import config_diff
 
     old = {"sampler": {"temperature": 1.0}, "log": {"progress": True},
+           "dist": {"coordinator_address": "10.0.0.1:1234", "process_id": 0},
            "stages": [{"name": "rl", "sampler": {"cache_windows": 4}},
                       {"name": "sft", "epochs": 2}]}
     new = {"sampler": {"temperature": 0.9, "cache_windows": 4}, "log": {"progress": False},
+           "dist": {"coordinator_address": "10.0.0.2:999", "process_id": 1},
            "stages": [{"name": "rl", "sampler": {"cache_windows": 1}},
                       {"name": "sft", "epochs": 3, "checkpoint_minutes": 10.0}]}
     # a pipeline's stages are compared field by field, each named by its stage
