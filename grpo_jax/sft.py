@@ -376,11 +376,11 @@ def fit(params, cfg: ModelConfig, tok, pairs: Pairs, scfg: SFTConfig, objective:
     res = SFTResult(params=None, losses=[], truncated=cut)
     params = jax.tree.map(jnp.array, params)  # own copies: the update donates them
     opt_state = tx.init(params)
-    # what a saved state must agree with to be resumed: the data and the length of the schedule
-    identity = {"examples": len(examples), "heldout": len(held), "updates": len(schedule),
-                "data_sha256": _digest(examples + held)}
-    ckpt = state = None
+    ckpt = state = identity = None
     if resumable is not None:
+        # what a saved state must agree with to be resumed: the data and the schedule's length
+        identity = {"examples": len(examples), "heldout": len(held), "updates": len(schedule),
+                    "data_sha256": _digest(examples + held)}
         ckpt, state = _open_state(resumable.dir, identity)
     if state is not None:
         items, meta = ckpt.restore(state, {"params": params, "opt_state": opt_state})
