@@ -65,9 +65,6 @@ def main(argv=None) -> int:
     ap.add_argument("--atol", type=float, default=1e-4)
     a = ap.parse_args(argv)
 
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
     from hf_models import make_hf_model, torch_logits
 
     from grpo_jax import hf_io
@@ -104,4 +101,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # float32 parity: no TF32 matmuls on a GPU host
     sys.exit(main())
